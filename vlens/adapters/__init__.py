@@ -1,0 +1,40 @@
+"""The family registry: which adapter handles which Hugging Face architecture.
+
+The supported-models table in docs/models.md and the parity tests list the same
+families; ``tests/unit/test_registry.py`` keeps the three in agreement.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vlens.adapters.base import VisionPrefixAdapter
+from vlens.adapters.llava import LlavaAdapter
+from vlens.errors import UnsupportedArchitectureError
+
+ADAPTERS: tuple[type[VisionPrefixAdapter], ...] = (LlavaAdapter,)
+
+
+def supported_architectures() -> dict[str, type[VisionPrefixAdapter]]:
+    """Every Hugging Face architecture name vlens handles, mapped to its adapter."""
+    return {arch: adapter for adapter in ADAPTERS for arch in adapter.hf_architectures}
+
+
+def adapter_for(config: Any) -> type[VisionPrefixAdapter]:
+    """The adapter class for a Hugging Face config.
+
+    Raises:
+        UnsupportedArchitectureError: naming the architecture and listing the supported ones.
+    """
+    archs = list(getattr(config, "architectures", None) or [])
+    table = supported_architectures()
+    for arch in archs:
+        if arch in table:
+            return table[arch]
+    model_type = getattr(config, "model_type", None)
+    raise UnsupportedArchitectureError(
+        f"vlens does not support architecture {archs or model_type!r}; supported: {sorted(table)}"
+    )
+
+
+__all__ = ["ADAPTERS", "VisionPrefixAdapter", "adapter_for", "supported_architectures"]

@@ -1,0 +1,210 @@
+"""What every vision-prefix family adapter provides, and the logic they share.
+
+A family adapter is the only code that knows a family: its Hugging Face class, the
+TransformerLens architecture name its bridge is built with, its image placeholder, its
+chat template, the extra tensors its forward takes, and how an image becomes tokens
+(:meth:`VisionPrefixAdapter.image_spans`). Adding a family means writing one file
+with one subclass and listing it in ``vlens/adapters/__init__.py``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar, Optional, Sequence
+
+import PIL.Image
+import torch
+from transformers import BatchFeature
+
+from vlens.errors import PromptError, UnsupportedArchitectureError
+from vlens.layout import ImageSpan, TokenLayout, assemble_layout
+
+
+class VisionPrefixAdapter(ABC):
+    """Base class of the family adapters.
+
+    Class attributes a subclass sets:
+        family: Short name shown to users ("llava", "llava_next", ...).
+        hf_architectures: The ``config.architectures`` entries this adapter handles.
+        tl_architecture: The TransformerLens adapter name the bridge is built with.
+        model_input_names: Processor outputs, besides ``input_ids``,
+            ``attention_mask`` and ``pixel_values``, that the HF forward needs.
+        fallback_template: Prompt template used when the processor has no chat
+            template; ``{images}`` becomes the placeholders, ``{prompt}`` the prompt.
+    """
+
+    family: ClassVar[str]
+    hf_architectures: ClassVar[tuple[str, ...]]
+    tl_architecture: ClassVar[str]
+    model_input_names: ClassVar[tuple[str, ...]] = ()
+    fallback_template: ClassVar[str] = "{images}\n{prompt}"
+    stage_prefixes: ClassVar[dict[str, tuple[str, ...]]] = {
+        "vision": ("vision_encoder.",),
+        "connector": ("vision_projector.",),
+        "language": ("embed.", "hook_embed", "rotary_emb.", "blocks.", "ln_final.", "unembed.", "hook_unembed"),
+    }
+
+    def __init__(self, config: Any, processor: Any) -> None:
+        self.check_config(config)
+        self.config = config
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.image_token_id = self._image_token_id()
+        self.image_token = self.tokenizer.convert_ids_to_tokens(self.image_token_id)
+
+    # ---- what each family states --------------------------------------------------
+
+    @classmethod
+    def hf_model_class(cls) -> type:
+        """The transformers class that loads this family's checkpoints."""
+        import transformers
+
+        return getattr(transformers, cls.hf_architectures[0])
+
+    @classmethod
+    def check_config(cls, config: Any) -> None:
+        """Raise ``UnsupportedArchitectureError`` on a config setting the adapter does not handle."""
+        archs = getattr(config, "architectures", None) or []
+        if archs and archs[0] not in cls.hf_architectures:
+            raise UnsupportedArchitectureError(
+                f"{cls.__name__} handles {list(cls.hf_architectures)}, not {archs[0]!r}"
+            )
+
+    @abstractmethod
+    def image_spans(self, batch: BatchFeature, row: int, positions: torch.Tensor) -> list[ImageSpan]:
+        """The spans of the images of one row, from the processor's output.
+
+        Args:
+            batch: The processor's output for the whole batch.
+            row: Batch row.
+            positions: The row's image-placeholder positions (ascending).
+        """
+
+    def marker_ids(self) -> frozenset[int]:
+        """Text tokens that only delimit images (excluded from prefix/instruction masks)."""
+        return frozenset()
+
+    def layout_extras(self, batch: BatchFeature) -> dict:
+        """Family-specific facts to keep on the layout (e.g. the Q-Former's text)."""
+        return {}
+
+    def _image_token_id(self) -> int:
+        for source in (self.config, self.processor, self.tokenizer):
+            for attr in ("image_token_id", "image_token_index"):
+                value = getattr(source, attr, None)
+                if isinstance(value, int):
+                    return value
+        token = getattr(self.processor, "image_token", None) or getattr(self.tokenizer, "image_token", None)
+        if token is not None:
+            return int(self.tokenizer.convert_tokens_to_ids(token))
+        raise UnsupportedArchitectureError(
+            f"cannot find the image placeholder token of this {self.family} checkpoint: neither its config "
+            "nor its processor defines image_token_id / image_token"
+        )
+
+    # ---- prompt formatting --------------------------------------------------------
+
+    def format_prompt(self, prompt: str, n_images: int, chat_template: bool) -> str:
+        """The text the processor sees for one example.
+
+        With ``chat_template=True`` the prompt is wrapped in the processor's chat
+        template (images first unless the prompt places ``<image>`` itself), ending with
+        the generation prompt (``ASSISTANT:`` or its family's equivalent). With
+        ``chat_template=False`` the prompt is used verbatim and must contain one image
+        placeholder per image.
+        """
+        placeholder = self.image_token
+        found = prompt.count(placeholder)
+        if not chat_template:
+            if found != n_images:
+                raise PromptError(
+                    f"prompt {prompt!r} has {found} image placeholder(s) {placeholder!r} but {n_images} image(s) "
+                    f"were given; with chat_template=False put one {placeholder!r} per image in the prompt"
+                )
+            return prompt
+        if found not in (0, n_images):
+            raise PromptError(
+                f"prompt {prompt!r} has {found} image placeholder(s) {placeholder!r} but {n_images} image(s) were "
+                f"given; use exactly {n_images}, or none to put the images before the prompt"
+            )
+        if found:
+            pieces = prompt.split(placeholder)
+            content: list[dict] = []
+            for i, piece in enumerate(pieces):
+                if piece.strip():
+                    content.append({"type": "text", "text": piece.strip()})
+                if i < n_images:
+                    content.append({"type": "image"})
+        else:
+            content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": prompt}]
+        if getattr(self.processor, "chat_template", None):
+            messages = [{"role": "user", "content": content}]
+            return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        if found:
+            return self.fallback_template.format(images="", prompt=prompt)
+        return self.fallback_template.format(images=placeholder * n_images, prompt=prompt)
+
+    def answer_separator(self, prompt_text: str) -> str:
+        """What goes between the generation prompt and the answer text."""
+        return "" if prompt_text[-1:].isspace() else " "
+
+    # ---- processing ---------------------------------------------------------------
+
+    def process(self, images: Sequence[Sequence[PIL.Image.Image]], texts: Sequence[str]) -> BatchFeature:
+        """Run the processor on a batch with right padding (every real token keeps its position)."""
+        tokenizer = self.tokenizer
+        old_side = tokenizer.padding_side
+        tokenizer.padding_side = "right"
+        try:
+            flat_images = [list(imgs) for imgs in images]
+            kwargs: dict[str, Any] = {"text": list(texts), "return_tensors": "pt", "padding": True}
+            if any(flat_images):
+                kwargs["images"] = flat_images if self.nested_images else [im for imgs in flat_images for im in imgs]
+            return self.processor(**kwargs)
+        finally:
+            tokenizer.padding_side = old_side
+
+    nested_images: ClassVar[bool] = False
+    """Whether the processor wants images as a list per example (Idefics3) or flat."""
+
+    def build_layout(self, batch: BatchFeature, answer_start: list[int]) -> TokenLayout:
+        """The ``TokenLayout`` of a processed batch."""
+        input_ids = batch["input_ids"]
+        attention_mask = batch["attention_mask"]
+        spans = []
+        for row in range(input_ids.shape[0]):
+            positions = ((input_ids[row] == self.image_token_id) & attention_mask[row].bool()).nonzero().flatten()
+            spans.append(self.image_spans(batch, row, positions))
+        return assemble_layout(
+            input_ids,
+            attention_mask,
+            self.image_token_id,
+            spans,
+            answer_start,
+            marker_ids=self.marker_ids(),
+            extras=self.layout_extras(batch),
+        )
+
+    def model_extras(self, batch: BatchFeature) -> dict[str, torch.Tensor]:
+        """The family's extra forward tensors out of the processor's output."""
+        missing = [name for name in self.model_input_names if name not in batch]
+        if missing:
+            raise UnsupportedArchitectureError(
+                f"the {self.family} processor did not return {missing}, which the model's forward needs"
+            )
+        return {name: batch[name] for name in self.model_input_names}
+
+    def describe(self) -> dict[str, Any]:
+        """A short summary for ``vlens info``."""
+        return {"family": self.family, "image_token": self.image_token, "image_token_id": self.image_token_id}
+
+
+def expect(config: Any, attr: str, allowed: Sequence[Any], family: str) -> None:
+    """Refuse a config value the adapter does not understand (penzai-style strictness)."""
+    value = getattr(config, attr, None)
+    if value not in allowed:
+        raise UnsupportedArchitectureError(
+            f"{family}: config.{attr} = {value!r} is not supported; vlens handles {list(allowed)}"
+        )
+
+

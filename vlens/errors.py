@@ -1,0 +1,58 @@
+"""Exceptions vlens raises for inputs it cannot use.
+
+Each error subclasses the built-in a caller would expect (ValueError, TypeError,
+FileNotFoundError), so ``except ValueError`` keeps working, and each message names
+the offending value and what would have been accepted.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class VLensError(Exception):
+    """Base class of every error vlens raises on purpose."""
+
+
+class UnsupportedArchitectureError(VLensError, ValueError):
+    """The checkpoint's architecture or one of its settings is not handled."""
+
+
+class CheckpointNotFoundError(VLensError, FileNotFoundError):
+    """A local checkpoint folder is missing or does not hold a loadable model."""
+
+
+class ImageInputError(VLensError, TypeError):
+    """An image argument is of a type vlens does not accept."""
+
+
+class ImageFileError(VLensError, ValueError):
+    """A path points to a file that cannot be read as an image."""
+
+
+class PromptError(VLensError, ValueError):
+    """A prompt, answer or batch of them is malformed."""
+
+
+class HookNameError(VLensError, ValueError):
+    """A hook name or pattern matches nothing on this model."""
+
+
+class DeviceError(VLensError, ValueError):
+    """A device or dtype cannot be used on this machine."""
+
+
+class AnalysisInputError(VLensError, ValueError):
+    """An analysis was given arguments it cannot work with."""
+
+
+def closest(name: str, candidates: Iterable[str], n: int = 5) -> list[str]:
+    """The candidates that look most like ``name``, for 'did you mean' messages."""
+    pool = list(candidates)
+    found = difflib.get_close_matches(name, pool, n=n, cutoff=0.5)
+    if not found:
+        # Fall back to names sharing the last dotted part, e.g. every 'hook_resid_post'.
+        tail = name.rsplit(".", 1)[-1]
+        found = [c for c in pool if c.endswith(tail)][:n]
+    return found

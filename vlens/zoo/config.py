@@ -1,0 +1,156 @@
+"""Sizes and schedules of the toy model and its recipe, and the model builder."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from transformers import (
+    CLIPVisionConfig,
+    GenerationConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+)
+
+Scale = Literal["tiny", "full"]
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Shapes of the three towers.
+
+    The vision tower reads ``image_size`` px images in ``patch_size`` px patches, so the language
+    model sees ``(image_size // patch_size) ** 2`` visual tokens.
+    """
+
+    image_size: int = 64
+    patch_size: int = 8
+    vision_width: int = 128
+    vision_layers: int = 4
+    vision_heads: int = 4
+    vision_mlp: int = 512
+    text_width: int = 128
+    text_layers: int = 8
+    text_heads: int = 4
+    text_mlp: int = 384
+
+    @property
+    def grid(self) -> int:
+        """Side of the visual-token grid."""
+        return self.image_size // self.patch_size
+
+
+@dataclass(frozen=True)
+class StageSchedule:
+    """Optimisation schedule of one stage: steps, batch size, peak learning rate."""
+
+    steps: int
+    batch_size: int
+    lr: float
+    warmup: float = 0.05  # fraction of steps with a linear warm-up; cosine decay afterwards
+
+
+@dataclass(frozen=True)
+class RecipeConfig:
+    """Everything the recipe needs besides the seed.
+
+    Attributes:
+        arch: Model shapes.
+        pool_size: Training scenes generated once and shared by all stages (the vision tower
+            sees their images, the language model their texts).
+        eval_size: Held-out scenes used for the end-of-recipe evaluation.
+        vision: Stage (a), vision pre-training on per-patch labels.
+        text: Stage (b), language-model pre-training on text-only scene dialogues.
+        align: Stage (c), projector only, on captions.
+        instruct: Stage (d), projector + language model, on one question per example.
+        caption_fraction: Share of stage-(d) examples that are captions (keeps captioning alive).
+    """
+
+    arch: Architecture
+    pool_size: int
+    eval_size: int
+    vision: StageSchedule
+    text: StageSchedule
+    align: StageSchedule
+    instruct: StageSchedule
+    caption_fraction: float = 1 / 6
+
+
+def recipe_config(scale: Scale) -> RecipeConfig:
+    """The two preset configurations: ``"full"`` (the shipped model) and ``"tiny"`` (smoke test)."""
+    if scale == "full":
+        return RecipeConfig(
+            arch=Architecture(),
+            pool_size=24_000,
+            eval_size=600,
+            vision=StageSchedule(steps=1400, batch_size=64, lr=1e-3),
+            text=StageSchedule(steps=700, batch_size=64, lr=1e-3),
+            align=StageSchedule(steps=450, batch_size=48, lr=1e-3),
+            instruct=StageSchedule(steps=1100, batch_size=48, lr=5e-4),
+        )
+    if scale == "tiny":
+        return RecipeConfig(
+            arch=Architecture(
+                vision_width=32, vision_layers=1, vision_heads=2, vision_mlp=64,
+                text_width=32, text_layers=2, text_heads=2, text_mlp=64,
+            ),
+            pool_size=24,
+            eval_size=6,
+            vision=StageSchedule(steps=3, batch_size=4, lr=1e-3),
+            text=StageSchedule(steps=3, batch_size=4, lr=1e-3),
+            align=StageSchedule(steps=3, batch_size=4, lr=1e-3),
+            instruct=StageSchedule(steps=3, batch_size=4, lr=1e-3),
+        )
+    raise ValueError(f"unknown scale {scale!r}; expected 'tiny' or 'full'")
+
+
+def build_model(arch: Architecture, processor: LlavaProcessor) -> LlavaForConditionalGeneration:
+    """A randomly initialised LLaVA model (CLIP vision tower, MLP projector, Llama LM).
+
+    The projector reads the last vision layer (``vision_feature_layer=-1``) because stage (a)
+    trains exactly that layer's patch states; the CLS token is dropped ("default" strategy).
+    """
+    tokenizer = processor.tokenizer
+    vision = CLIPVisionConfig(
+        hidden_size=arch.vision_width,
+        intermediate_size=arch.vision_mlp,
+        num_hidden_layers=arch.vision_layers,
+        num_attention_heads=arch.vision_heads,
+        image_size=arch.image_size,
+        patch_size=arch.patch_size,
+        projection_dim=arch.vision_width,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=arch.text_width,
+        intermediate_size=arch.text_mlp,
+        num_hidden_layers=arch.text_layers,
+        num_attention_heads=arch.text_heads,
+        num_key_value_heads=arch.text_heads,
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=processor.image_token_id,
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+        image_seq_length=arch.grid * arch.grid,
+    )
+    model = LlavaForConditionalGeneration(config)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        do_sample=False,
+        max_new_tokens=40,
+    )
+    return model
+
