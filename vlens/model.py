@@ -153,6 +153,26 @@ class HookedVLM:
     def dtype(self) -> torch.dtype:
         return self.hf_model.get_input_embeddings().weight.dtype
 
+    # ---- the language model's own read-out, for lenses ---------------------------------
+
+    def final_norm(self, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
+        """The language model's final norm, as the HF module computes it (no hooks fire)."""
+        return self.bridge.ln_final.original_component(resid)
+
+    def unembed(self, normed: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_vocab"]:
+        """The unembedding (``lm_head``) applied to normed residuals (no hooks fire)."""
+        return self.bridge.unembed.original_component(normed)
+
+    @property
+    def W_E(self) -> Float[Tensor, "d_vocab d_model"]:
+        """The token embedding matrix of the language model."""
+        return self.hf_model.get_input_embeddings().weight
+
+    @property
+    def W_U(self) -> Float[Tensor, "d_model d_vocab"]:
+        """The unembedding matrix (transposed ``lm_head.weight``)."""
+        return self.hf_model.get_output_embeddings().weight.T
+
     def hook_names(self, stage: Optional[str] = None) -> list[str]:
         """Canonical hook names, optionally of one stage (vision, connector, language, ...)."""
         names = list(self.hook_index.points)
