@@ -10,9 +10,10 @@ from typing import Any
 
 from vlens.adapters.base import VisionPrefixAdapter
 from vlens.adapters.llava import LlavaAdapter
+from vlens.adapters.llava_next import LlavaNextAdapter
 from vlens.errors import UnsupportedArchitectureError
 
-ADAPTERS: tuple[type[VisionPrefixAdapter], ...] = (LlavaAdapter,)
+ADAPTERS: tuple[type[VisionPrefixAdapter], ...] = (LlavaAdapter, LlavaNextAdapter)
 
 
 def supported_architectures() -> dict[str, type[VisionPrefixAdapter]]:

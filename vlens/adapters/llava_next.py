@@ -1,0 +1,205 @@
+"""LLaVA-NeXT (``LlavaNextForConditionalGeneration``): base image, anyres tiles, newlines.
+
+The image processor picks the best of ``image_grid_pinpoints`` for the image's size,
+resizes the image into that canvas (padding the short side), cuts it into
+``tiles_h x tiles_w`` crops of the vision tower's input size, and also sends the whole
+image resized to one crop (the *base* image). Hugging Face's ``pack_image_features``
+then places, for each image:
+
+1. the base image's patch grid (``g x g`` tokens, ``g = image_size // patch_size``);
+2. the crops' patches stitched into one ``tiles_h*g x tiles_w*g`` canvas, with the
+   padding rows (or columns) cut off again (``unpad_image``), read row by row, each
+   canvas row followed by one ``image_newline`` token.
+
+In the layout, tile 0 is the base image, tiles ``1..tiles_h*tiles_w`` are the crops in
+row-major order and newline tokens have tile -1. A crop's grid is the part of it that
+survives unpadding, so each tile id has exactly ``rows * cols`` tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import BatchFeature
+from transformers.image_processing_utils import select_best_resolution
+
+from vlens.adapters.base import VisionPrefixAdapter, expect
+from vlens.adapters.llava import LLAMA_STYLE_TEXT_MODELS
+from vlens.errors import PromptError, UnsupportedArchitectureError
+from vlens.layout import ImageSpan
+
+
+@dataclass(frozen=True)
+class AnyresCanvas:
+    """Where each token of one LLaVA-NeXT image sits, in HF's packing order.
+
+    Attributes:
+        tile: Per token, 0 for the base image, 1.. for crops, -1 for newlines.
+        row_col: Per token, (row, col) in its tile's (unpadded) grid, -1 for newlines.
+        labels: Per token, ``<img r,c>``, ``<t{k} r,c>`` or ``<nl r>``.
+        tile_grids: (rows, cols) of every tile with at least one token.
+    """
+
+    tile: list[int]
+    row_col: list[tuple[int, int]]
+    labels: list[str]
+    tile_grids: dict[int, tuple[int, int]]
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.tile)
+
+
+def anyres_canvas(
+    image_height: int,
+    image_width: int,
+    grid_pinpoints: list,
+    tower_image_size: int,
+    patch_size: int,
+) -> AnyresCanvas:
+    """The token layout of one image, following ``pack_image_features`` / ``unpad_image``.
+
+    Args:
+        image_height, image_width: The original image size (the processor's ``image_sizes``).
+        grid_pinpoints: ``config.image_grid_pinpoints`` ((height, width) in pixels).
+        tower_image_size: ``config.vision_config.image_size`` (one crop's side in pixels).
+        patch_size: ``config.vision_config.patch_size``.
+    """
+    g = tower_image_size // patch_size
+    best_h, best_w = select_best_resolution([image_height, image_width], grid_pinpoints)
+    tiles_h, tiles_w = best_h // tower_image_size, best_w // tower_image_size
+    canvas_h, canvas_w = tiles_h * g, tiles_w * g
+    # unpad_image, with the same float arithmetic.
+    row_lo, row_hi, col_lo, col_hi = 0, canvas_h, 0, canvas_w
+    if image_width / image_height > canvas_w / canvas_h:
+        new_h = int(round(image_height * (canvas_w / image_width), 7))
+        pad = (canvas_h - new_h) // 2
+        row_lo, row_hi = pad, canvas_h - pad
+    else:
+        new_w = int(round(image_width * (canvas_h / image_height), 7))
+        pad = (canvas_w - new_w) // 2
+        col_lo, col_hi = pad, canvas_w - pad
+
+    tile: list[int] = []
+    row_col: list[tuple[int, int]] = []
+    labels: list[str] = []
+    for r in range(g):
+        for c in range(g):
+            tile.append(0)
+            row_col.append((r, c))
+            labels.append(f"<img {r},{c}>")
+    grids: dict[int, tuple[int, int]] = {0: (g, g)}
+    # First kept row / column inside each tile row / column, for tile-local coordinates.
+    first_row = {tr: max(row_lo, tr * g) for tr in range(tiles_h)}
+    first_col = {tc: max(col_lo, tc * g) for tc in range(tiles_w)}
+    for R in range(row_lo, row_hi):
+        for C in range(col_lo, col_hi):
+            tr, tc = R // g, C // g
+            t = tr * tiles_w + tc + 1
+            r, c = R - first_row[tr], C - first_col[tc]
+            tile.append(t)
+            row_col.append((r, c))
+            labels.append(f"<t{t} {r},{c}>")
+            rows, cols = grids.get(t, (0, 0))
+            grids[t] = (max(rows, r + 1), max(cols, c + 1))
+        tile.append(-1)
+        row_col.append((-1, -1))
+        labels.append(f"<nl {R - row_lo}>")
+    return AnyresCanvas(tile=tile, row_col=row_col, labels=labels, tile_grids=grids)
+
+
+class LlavaNextAdapter(VisionPrefixAdapter):
+    family = "llava_next"
+    hf_architectures = ("LlavaNextForConditionalGeneration",)
+    tl_architecture = "LlavaNextForConditionalGeneration"
+    model_input_names = ("image_sizes",)
+    fallback_template = "USER: {images}\n{prompt} ASSISTANT:"
+
+    @classmethod
+    def check_config(cls, config: Any) -> None:
+        super().check_config(config)
+        expect(config, "vision_feature_select_strategy", ("default", "full"), cls.family)
+        expect(config.vision_config, "model_type", ("clip_vision_model", "siglip_vision_model"), cls.family)
+        # TransformerLens's LLaVA-NeXT bridge is its LLaVA bridge: a Llama-style text tower.
+        expect(config.text_config, "model_type", LLAMA_STYLE_TEXT_MODELS, cls.family)
+        has_cls = config.vision_config.model_type == "clip_vision_model"
+        if has_cls != (config.vision_feature_select_strategy == "default"):
+            raise UnsupportedArchitectureError(
+                f"llava_next: vision_feature_select_strategy={config.vision_feature_select_strategy!r} with a "
+                f"{config.vision_config.model_type} tower leaves "
+                f"{'a CLS token in' if has_cls else 'a real patch out of'} every tile, so the tiles do not form "
+                "square grids; vlens handles CLIP towers with 'default' and SigLIP towers with 'full'"
+            )
+        pinpoints = getattr(config, "image_grid_pinpoints", None)
+        size = config.vision_config.image_size
+        if not (
+            isinstance(pinpoints, (list, tuple))
+            and pinpoints
+            and all(isinstance(p, (list, tuple)) and len(p) == 2 and p[0] % size == 0 and p[1] % size == 0 for p in pinpoints)
+        ):
+            raise UnsupportedArchitectureError(
+                f"llava_next: config.image_grid_pinpoints = {pinpoints!r} is not supported; vlens handles a "
+                f"non-empty list of (height, width) pairs that are multiples of the tower's image_size ({size})"
+            )
+
+    def image_spans(self, batch: BatchFeature, row: int, positions: torch.Tensor) -> list[ImageSpan]:
+        sizes = batch["image_sizes"]
+        first = self._first_image_of_row(batch, row)
+        spans: list[ImageSpan] = []
+        start = 0
+        index = first
+        while start < positions.shape[0]:
+            if index >= sizes.shape[0]:
+                raise PromptError(
+                    f"row {row}: {positions.shape[0] - start} image placeholder tokens are left over after "
+                    f"{len(spans)} image(s); the processor's image_sizes hold only {sizes.shape[0]} images"
+                )
+            canvas = self.canvas(sizes[index])
+            run = positions[start : start + canvas.n_tokens]
+            if run.shape[0] != canvas.n_tokens or (run.shape[0] > 1 and bool((run.diff() != 1).any())):
+                raise PromptError(
+                    f"row {row}, image {len(spans)} ({int(sizes[index][0])}x{int(sizes[index][1])} px): its "
+                    f"anyres layout needs {canvas.n_tokens} consecutive image tokens (base grid, unpadded tiles "
+                    f"and newlines), but the prompt holds {run.shape[0]} there"
+                )
+            spans.append(
+                ImageSpan(
+                    image_index=len(spans),
+                    positions=run,
+                    tile=torch.tensor(canvas.tile, dtype=torch.long),
+                    row_col=torch.tensor(canvas.row_col, dtype=torch.long),
+                    tile_grids=dict(canvas.tile_grids),
+                    labels=tuple(canvas.labels),
+                )
+            )
+            start += canvas.n_tokens
+            index += 1
+        return spans
+
+    def canvas(self, image_size: torch.Tensor) -> AnyresCanvas:
+        """The token layout of an image of ``image_size`` = (height, width) pixels."""
+        vision = self.config.vision_config
+        height, width = (int(v) for v in image_size)
+        return anyres_canvas(height, width, self.config.image_grid_pinpoints, vision.image_size, vision.patch_size)
+
+    def _first_image_of_row(self, batch: BatchFeature, row: int) -> int:
+        """Index into ``image_sizes`` of the first image of ``row``.
+
+        The processor flattens every row's images in order, so the earlier rows'
+        images come first; their token counts tell how many each row consumed.
+        """
+        sizes = batch["image_sizes"]
+        index = 0
+        for earlier in range(row):
+            real = batch["attention_mask"][earlier].bool()
+            n_placeholders = int(((batch["input_ids"][earlier] == self.image_token_id) & real).sum())
+            while n_placeholders > 0:
+                if index >= sizes.shape[0]:
+                    raise PromptError(f"row {earlier}: more image placeholder tokens than images")
+                n_placeholders -= self.canvas(sizes[index]).n_tokens
+                index += 1
+            if n_placeholders < 0:
+                raise PromptError(f"row {earlier}: image placeholder tokens do not add up to whole images")
+        return index
