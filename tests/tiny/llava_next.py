@@ -17,7 +17,7 @@ from transformers import (
     LlamaConfig,
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
-    LlavaNextImageProcessor,
+    LlavaNextImageProcessorPil,
     LlavaNextProcessor,
 )
 
@@ -59,7 +59,7 @@ def build_llava_next(
         image_grid_pinpoints=grid, **(config_overrides or {}),
     )
     config.architectures = ["LlavaNextForConditionalGeneration"]
-    image_processor = LlavaNextImageProcessor(
+    image_processor = LlavaNextImageProcessorPil(
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
         image_grid_pinpoints=grid,
     )
