@@ -20,6 +20,20 @@ NamesFilter = Union[None, str, Sequence[str], Callable[[str], bool]]
 
 _GLOB_CHARS = set("*?[")
 
+# HookedTransformer's vocabulary: where the bridge offers one of these as an alias, that
+# alias is what a TransformerLens user types, so it becomes the canonical name. Other
+# bridge aliases (e.g. ``vision_projector.hook_vision_proj_out``) add nothing over the
+# module-path name and stay aliases.
+HOOKED_TRANSFORMER_NAMES = frozenset(
+    {
+        "hook_embed", "hook_pos_embed", "hook_unembed", "hook_resid_pre", "hook_resid_mid",
+        "hook_resid_post", "hook_attn_in", "hook_attn_out", "hook_mlp_in", "hook_mlp_out",
+        "hook_q", "hook_k", "hook_v", "hook_z", "hook_pattern", "hook_attn_scores", "hook_result",
+        "hook_pre", "hook_post", "hook_pre_linear", "hook_q_input", "hook_k_input", "hook_v_input",
+        "hook_scale", "hook_normalized", "hook_rot_q", "hook_rot_k",
+    }
+)
+
 
 @dataclass(frozen=True)
 class HookIndex:
@@ -39,9 +53,9 @@ class HookIndex:
         aliases: dict[str, str] = {}
         for key, names in names_of.items():
             point = point_of[key]
-            # HookPoint.name is the module-path name; any other key is a HookedTransformer alias.
-            ht_style = [n for n in names if n != point.name]
-            canonical = ht_style[0] if ht_style else names[0]
+            # HookPoint.name is the module-path name; other keys are aliases.
+            ht_style = [n for n in names if n != point.name and n.rsplit(".", 1)[-1] in HOOKED_TRANSFORMER_NAMES]
+            canonical = ht_style[0] if ht_style else (point.name if point.name in names else names[0])
             points[canonical] = point
             for n in names:
                 if n != canonical:

@@ -17,7 +17,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-from vlens.errors import CheckpointNotFoundError, DeviceError
+from vlens.errors import CheckpointNotFoundError, DeviceError, UnsupportedArchitectureError
 
 _DTYPES = {
     "float32": torch.float32,
@@ -104,8 +104,12 @@ def load_config(source: str) -> Any:
 
     try:
         return AutoConfig.from_pretrained(source)
-    except (OSError, ValueError) as err:
+    except OSError as err:
         raise CheckpointNotFoundError(f"cannot read a model config from {source!r}: {err}") from None
+    except Exception as err:  # transformers validates configs with several error types
+        if "json" in type(err).__name__.lower() or "Expecting" in str(err):
+            raise CheckpointNotFoundError(f"cannot read a model config from {source!r}: {err}") from None
+        raise UnsupportedArchitectureError(f"the model config in {source!r} is not valid: {err}") from None
 
 
 def load_processor(source: str) -> Any:

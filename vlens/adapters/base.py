@@ -199,12 +199,15 @@ class VisionPrefixAdapter(ABC):
         return {"family": self.family, "image_token": self.image_token, "image_token_id": self.image_token_id}
 
 
-def expect(config: Any, attr: str, allowed: Sequence[Any], family: str) -> None:
-    """Refuse a config value the adapter does not understand (penzai-style strictness)."""
+def expect(config: Any, attr: str, allowed: Sequence[Any], family: str, where: str = "config") -> None:
+    """Refuse a config value the adapter does not understand (penzai-style strictness).
+
+    ``where`` names the (sub-)config in the message, e.g. ``"config.text_config"``.
+    """
     value = getattr(config, attr, None)
     if value not in allowed:
         raise UnsupportedArchitectureError(
-            f"{family}: config.{attr} = {value!r} is not supported; vlens handles {list(allowed)}"
+            f"{family}: {where}.{attr} = {value!r} is not supported; vlens handles {list(allowed)}"
         )
 
 

@@ -31,9 +31,12 @@ class LlavaAdapter(VisionPrefixAdapter):
     def check_config(cls, config: Any) -> None:
         super().check_config(config)
         expect(config, "vision_feature_select_strategy", ("default", "full"), cls.family)
-        expect(config.vision_config, "model_type", ("clip_vision_model", "siglip_vision_model"), cls.family)
+        expect(
+            config.vision_config, "model_type", ("clip_vision_model", "siglip_vision_model"), cls.family,
+            where="config.vision_config",
+        )
         # TransformerLens's LLaVA bridge maps an RMSNorm + rotary (Llama-style) tower.
-        expect(config.text_config, "model_type", LLAMA_STYLE_TEXT_MODELS, cls.family)
+        expect(config.text_config, "model_type", LLAMA_STYLE_TEXT_MODELS, cls.family, where="config.text_config")
         if config.vision_config.model_type == "siglip_vision_model" and config.vision_feature_select_strategy == "default":
             raise UnsupportedArchitectureError(
                 "llava: a SigLIP tower has no CLS token, so vision_feature_select_strategy='default' would drop a "

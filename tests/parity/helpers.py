@@ -1,0 +1,70 @@
+"""Comparisons against the Hugging Face model's own outputs, shared by the family parity tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from vlens import HookedVLM, VLMInputs
+
+TOL = 1e-4
+
+
+def hf_reference(model: HookedVLM, path: Path) -> torch.nn.Module:
+    """A second, un-hooked copy of the checkpoint, loaded by Hugging Face with eager attention."""
+    cls = type(model.hf_model)
+    return cls.from_pretrained(path, attn_implementation="eager", dtype=torch.float32).eval()
+
+
+def hf_outputs(reference: torch.nn.Module, inputs: VLMInputs):
+    with torch.no_grad():
+        return reference(**inputs.model_kwargs(), output_hidden_states=True, output_attentions=True)
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert a.shape == b.shape, f"shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}"
+    return float((a.float() - b.float()).abs().max())
+
+
+def assert_matches_hf(model: HookedVLM, reference: torch.nn.Module, inputs: VLMInputs) -> dict[str, float]:
+    """Logits, per-layer residual streams and attention patterns equal HF's; returns the diffs."""
+    out = hf_outputs(reference, inputs)
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(
+            inputs, names_filter=["blocks.*.hook_resid_post", "blocks.*.attn.hook_pattern"]
+        )
+    diffs = {"logits": max_diff(logits, out.logits)}
+    n_layers = model.n_layers
+    hidden = out.hidden_states if out.hidden_states is not None else out.language_model_outputs.hidden_states
+    attentions = out.attentions if out.attentions is not None else out.language_model_outputs.attentions
+    assert len(hidden) == n_layers + 1
+    # HF's last hidden state has the final norm applied; vlens's resid_post does not.
+    for layer in range(n_layers - 1):
+        diffs[f"resid_post.{layer}"] = max_diff(cache[f"blocks.{layer}.hook_resid_post"], hidden[layer + 1])
+    for layer in range(n_layers):
+        diffs[f"pattern.{layer}"] = max_diff(cache[f"blocks.{layer}.attn.hook_pattern"], attentions[layer])
+    bad = {k: v for k, v in diffs.items() if not v <= TOL}
+    assert not bad, f"differs from Hugging Face beyond {TOL}: {bad}"
+    return diffs
+
+
+def assert_batched_equals_unbatched(model: HookedVLM, batch: VLMInputs, singles: list[VLMInputs]) -> None:
+    with torch.no_grad():
+        batched = model(batch)
+        for row, single in enumerate(singles):
+            alone = model(single)
+            n = int(single.attention_mask.sum())
+            assert torch.equal(batch.input_ids[row, :n], single.input_ids[0, :n])
+            diff = max_diff(batched[row, :n], alone[0, :n])
+            assert diff <= TOL, f"row {row}: batched logits differ from unbatched by {diff}"
+
+
+def assert_generate_matches_hf(model: HookedVLM, reference: torch.nn.Module, inputs: VLMInputs, n: int = 6) -> None:
+    kwargs = inputs.model_kwargs()
+    with torch.no_grad():
+        ref = reference.generate(**kwargs, max_new_tokens=n, do_sample=False, num_beams=1,
+                                 pad_token_id=model.tokenizer.pad_token_id)
+    expected = ref[0, kwargs["input_ids"].shape[1]:]
+    got = model.generate(inputs, max_new_tokens=n).tokens[0]
+    assert torch.equal(got, expected), f"vlens generated {got.tolist()}, HF {expected.tolist()}"
