@@ -85,8 +85,8 @@ def recipe_config(scale: Scale) -> RecipeConfig:
             arch=Architecture(),
             pool_size=24_000,
             eval_size=600,
-            vision=StageSchedule(steps=1400, batch_size=64, lr=1e-3),
-            text=StageSchedule(steps=700, batch_size=64, lr=1e-3),
+            vision=StageSchedule(steps=1200, batch_size=64, lr=1e-3),
+            text=StageSchedule(steps=600, batch_size=64, lr=1e-3),
             align=StageSchedule(steps=450, batch_size=48, lr=1e-3),
             instruct=StageSchedule(steps=1100, batch_size=48, lr=5e-4),
         )

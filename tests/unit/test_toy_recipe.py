@@ -1,0 +1,100 @@
+"""Smoke test of the toy-model recipe, and the contracts its fast paths rely on."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+from vlens.data import generate_scene
+from vlens.zoo.config import build_model, recipe_config
+from vlens.zoo.examples import Encoder, build_pool
+from vlens.zoo.processor import build_processor, prompt_text
+from vlens.zoo.stages import multimodal_logits, vision_states
+from vlens.zoo.train import run_recipe
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("toy")
+    report = run_recipe(out, seed=0, scale="tiny", threads=1, progress=False)
+    return out, report
+
+
+def test_every_stage_runs_and_checkpoint_loads(tiny_run: tuple[Path, dict]) -> None:
+    out, report = tiny_run
+    assert set(report["stages"]) == {"vision", "text", "align", "instruct"}
+    assert json.loads((out / "training_report.json").read_text())["seed"] == 0
+    model = LlavaForConditionalGeneration.from_pretrained(out)
+    processor = AutoProcessor.from_pretrained(out)
+    scene = generate_scene(1)
+    inputs = processor(images=scene.image, text=prompt_text(processor, "how many objects are there ?"),
+                       return_tensors="pt")
+    assert (inputs["input_ids"] == model.config.image_token_id).sum() == 64
+    generated = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert generated.shape[1] <= inputs["input_ids"].shape[1] + 3
+    assert model.generation_config.eos_token_id == processor.tokenizer.eos_token_id
+
+
+def test_recipe_is_deterministic(tiny_run: tuple[Path, dict], tmp_path: Path) -> None:
+    out, _ = tiny_run
+    run_recipe(tmp_path, seed=0, scale="tiny", threads=1, progress=False)
+    a = LlavaForConditionalGeneration.from_pretrained(out).state_dict()
+    b = LlavaForConditionalGeneration.from_pretrained(tmp_path).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_prompt_contract_and_single_bos() -> None:
+    processor = build_processor(64, 8)
+    text = prompt_text(processor, "what shape is at center ?")
+    assert text == "<s> USER : <image> what shape is at center ? ASSISTANT :"
+    ids = processor(images=generate_scene(0).image, text=text)["input_ids"][0]
+    bos = processor.tokenizer.bos_token_id
+    assert ids[0] == bos and list(ids).count(bos) == 1
+    assert processor.tokenizer.unk_token_id not in ids
+
+
+def test_fast_encoding_equals_processor() -> None:
+    processor = build_processor(64, 8)
+    encoder = Encoder(processor, n_image_tokens=64)
+    scenes = [generate_scene(s) for s in range(4)]
+    pool = build_pool(scenes)
+    for i, scene in enumerate(scenes):
+        for qa in scene.questions:
+            ids, mask = encoder.encode(qa.question, qa.answer, with_image=True)
+            full = prompt_text(processor, qa.question) + " " + qa.answer + " </s>"
+            ref = processor(images=scene.image, text=full, return_tensors="pt")
+            assert ids == ref["input_ids"][0].tolist()
+            supervised = [t for t, m in zip(ids, mask) if m]
+            assert processor.tokenizer.decode(supervised) == qa.answer + " </s>"
+            assert torch.allclose(pool.pixels[i], ref["pixel_values"][0], atol=1e-6)
+
+
+def test_spliced_forward_equals_hf_forward() -> None:
+    torch.manual_seed(0)
+    cfg = recipe_config("tiny")
+    processor = build_processor(64, 8)
+    model = build_model(cfg.arch, processor).eval()
+    encoder = Encoder(processor, n_image_tokens=64)
+    scene = generate_scene(5)
+    qa = scene.questions[0]
+    batch = encoder.collate([encoder.encode(qa.question, qa.answer, with_image=True)])
+    states = vision_states(model, build_pool([scene]).pixels)
+    with torch.no_grad():
+        ours = multimodal_logits(model, batch, states, encoder.image_token_id)
+        full = prompt_text(processor, qa.question) + " " + qa.answer + " </s>"
+        ref = model(**processor(images=scene.image, text=full, return_tensors="pt")).logits
+    assert torch.allclose(ours, ref, atol=1e-5)
+
+
+def test_bad_arguments_are_named(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="huge"):
+        recipe_config("huge")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="seed"):
+        run_recipe(tmp_path, seed=-1, scale="tiny", progress=False)
+    encoder = Encoder(build_processor(64, 8), n_image_tokens=64)
+    with pytest.raises(ValueError, match="hexagon"):
+        encoder.encode("what shape is at center ?", "hexagon", with_image=True)

@@ -1,0 +1,184 @@
+"""Training examples of the recipe: the scene pool, per-patch labels and text encodings.
+
+Text goes through the processor's own chat template, and ``<image>`` is expanded exactly as
+`LlavaProcessor` does (one placeholder per patch), so the ids match
+``processor(images=image, text=prompt + " " + answer + " </s>")``; `tests/unit/test_toy_recipe.py`
+checks that equality. Encoding here avoids the processor's per-image PIL pipeline, which would
+dominate the cost of a CPU training step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from transformers import LlavaProcessor
+
+from vlens.data.scenes import (
+    CAPTION_QUESTION,
+    CELLS,
+    COLOURS,
+    QA,
+    QUESTION_KINDS,
+    SHAPES,
+    SIZES,
+    Scene,
+)
+
+# Per-patch label spaces of the vision pre-training heads; index 0 means "no object".
+PATCH_HEADS: dict[str, int] = {
+    "colour": len(COLOURS) + 1,
+    "shape": len(SHAPES) + 1,
+    "size": len(SIZES) + 1,
+    "cell": len(CELLS) + 1,
+}
+N_COUNTS = 3
+
+
+@dataclass(frozen=True, eq=False)
+class ScenePool:
+    """Scenes with their images as normalised tensors and their per-patch labels.
+
+    Attributes:
+        scenes: The scenes.
+        pixels: Images scaled to [-1, 1] exactly as the toy processor does.
+        patch_labels: For each head of `PATCH_HEADS`, the label of each patch (raster order).
+        counts: Number of objects minus one.
+    """
+
+    scenes: list[Scene]
+    pixels: Float[Tensor, "n 3 h w"]
+    patch_labels: dict[str, Int[Tensor, "n patches"]]
+    counts: Int[Tensor, "n"]
+
+    def __len__(self) -> int:
+        return len(self.scenes)
+
+
+def _patch_targets(scene: Scene) -> dict[str, np.ndarray]:
+    owner = scene.patch_labels.reshape(-1)
+    out = {name: np.zeros(owner.shape, dtype=np.int64) for name in PATCH_HEADS}
+    for i, obj in enumerate(scene.objects):
+        here = owner == i
+        out["colour"][here] = 1 + list(COLOURS).index(obj.colour)
+        out["shape"][here] = 1 + SHAPES.index(obj.shape)
+        out["size"][here] = 1 + list(SIZES).index(obj.size)
+        out["cell"][here] = 1 + obj.cell
+    return out
+
+
+def build_pool(scenes: list[Scene]) -> ScenePool:
+    """Stacks the scenes' images and labels into tensors."""
+    images = np.stack([np.asarray(s.image, dtype=np.float32) for s in scenes])  # [n, h, w, 3]
+    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).div(255.0).sub(0.5).div(0.5)
+    targets = [_patch_targets(s) for s in scenes]
+    labels = {k: torch.from_numpy(np.stack([t[k] for t in targets])) for k in PATCH_HEADS}
+    counts = torch.tensor([len(s.objects) - 1 for s in scenes], dtype=torch.long)
+    return ScenePool(scenes=scenes, pixels=pixels.contiguous(), patch_labels=labels, counts=counts)
+
+
+def describe(scene: Scene, rng: np.random.Generator) -> str:
+    """A text-only description of a scene, one sentence per object, in random order."""
+    order = rng.permutation(len(scene.objects))
+    return " ".join(f"there is {scene.objects[i].phrase} ." for i in order)
+
+
+def sample_qa(scene: Scene, rng: np.random.Generator, caption_fraction: float) -> QA:
+    """One question of a scene: a caption request with ``caption_fraction``, otherwise a question
+    of a uniformly drawn kind (yes and no equally likely for presence questions)."""
+    if rng.random() < caption_fraction:
+        return caption_qa(scene)
+    kind = QUESTION_KINDS[rng.integers(len(QUESTION_KINDS))]
+    options = [qa for qa in scene.questions if qa.kind == kind]
+    return options[rng.integers(len(options))]
+
+
+def caption_qa(scene: Scene) -> QA:
+    """The captioning request of a scene; the answer is the canonical caption."""
+    return QA("caption", CAPTION_QUESTION, scene.caption)
+
+
+def questions_for_eval(scene: Scene) -> list[QA]:
+    """Every evaluated question of a scene: one per kind (two presence ones) and the caption."""
+    return list(scene.questions) + [caption_qa(scene)]
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A right-padded batch; ``labels`` is -100 outside the supervised tokens."""
+
+    input_ids: Int[Tensor, "batch pos"]
+    attention_mask: Int[Tensor, "batch pos"]
+    labels: Int[Tensor, "batch pos"]
+
+
+class Encoder:
+    """Word-level encoding of prompts through the processor's chat template.
+
+    Args:
+        processor: The toy processor.
+        n_image_tokens: Placeholders one image expands to.
+    """
+
+    def __init__(self, processor: LlavaProcessor, n_image_tokens: int) -> None:
+        self.processor = processor
+        self.n_image_tokens = n_image_tokens
+        tok = processor.tokenizer
+        self._ids = tok.get_vocab()
+        self.pad_id: int = tok.pad_token_id
+        self.eos_token: str = tok.eos_token
+        self.image_token: str = processor.image_token
+        self.image_token_id: int = processor.image_token_id
+
+    def _words_to_ids(self, words: list[str]) -> list[int]:
+        try:
+            return [self._ids[w] for w in words]
+        except KeyError as err:  # never silently map a scene word to <unk>
+            raise ValueError(f"word {err.args[0]!r} is not in the toy vocabulary") from err
+
+    def prompt(self, text: str, *, with_image: bool) -> str:
+        """Rendered generation prompt for a user turn (optionally with one image first)."""
+        content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": text}]
+        return self.processor.apply_chat_template(
+            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+        )
+
+    def encode(self, text: str, answer: str, *, with_image: bool, loss_on: str = "answer"
+               ) -> tuple[list[int], list[bool]]:
+        """Ids of ``prompt(text) + " " + answer + " </s>"`` and which of them carry the loss.
+
+        Args:
+            text: The user text (a question, or a description followed by a question).
+            answer: The assistant answer, without eos.
+            with_image: Whether the user turn starts with an image.
+            loss_on: ``"answer"`` (answer and eos) or ``"all"`` (everything after the bos).
+        """
+        prompt_words = self.prompt(text, with_image=with_image).split()
+        expanded: list[str] = []
+        for w in prompt_words:
+            expanded.extend([w] * self.n_image_tokens if w == self.image_token else [w])
+        answer_words = answer.split() + [self.eos_token]
+        ids = self._words_to_ids(expanded + answer_words)
+        if loss_on == "answer":
+            mask = [False] * len(expanded) + [True] * len(answer_words)
+        elif loss_on == "all":
+            mask = [False] + [True] * (len(ids) - 1)
+        else:
+            raise ValueError(f"loss_on must be 'answer' or 'all', got {loss_on!r}")
+        return ids, mask
+
+    def collate(self, encoded: list[tuple[list[int], list[bool]]]) -> Batch:
+        """Right-pads encodings into a `Batch`."""
+        length = max(len(ids) for ids, _ in encoded)
+        input_ids = torch.full((len(encoded), length), self.pad_id, dtype=torch.long)
+        attention = torch.zeros((len(encoded), length), dtype=torch.long)
+        labels = torch.full((len(encoded), length), -100, dtype=torch.long)
+        for row, (ids, mask) in enumerate(encoded):
+            t = torch.tensor(ids, dtype=torch.long)
+            input_ids[row, : len(ids)] = t
+            attention[row, : len(ids)] = 1
+            labels[row, : len(ids)] = torch.where(torch.tensor(mask), t, -100)
+        return Batch(input_ids=input_ids, attention_mask=attention, labels=labels)

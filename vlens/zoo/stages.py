@@ -1,0 +1,259 @@
+"""The four stages of the bridge-style recipe.
+
+(a) `train_vision`: the CLIP tower alone, on images only, with per-patch heads predicting the
+    colour, shape, size and cell of the object under each patch and a whole-image count head.
+    The labels come from the generator's pixel masks, never from text.
+(b) `train_text`: the Llama model alone, on text-only dialogues in the chat format, where the
+    image is replaced by a description in words ("there is a small red circle at top left .").
+(c) `train_multimodal(..., train_lm=False)`: the projector alone, both towers frozen, on captions.
+(d) `train_multimodal(..., train_lm=True)`: projector and language model, one question per example.
+
+The vision tower is frozen after (a), so (c) and (d) read cached vision states
+(`vision_states`) and splice the projected states into the placeholder positions exactly as
+`LlavaModel.forward` does.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+from transformers import LlavaForConditionalGeneration
+
+from vlens.zoo.config import StageSchedule
+from vlens.zoo.examples import N_COUNTS, PATCH_HEADS, Batch, Encoder, ScenePool, describe, sample_qa
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """Outcome of one stage: its name, wall time, and smoothed loss at the start and the end."""
+
+    name: str
+    seconds: float
+    first_loss: float
+    final_loss: float
+
+
+class VisionHeads(nn.Module):
+    """Linear read-outs used only in stage (a); they are not part of the checkpoint."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.patch = nn.ModuleDict({k: nn.Linear(width, n) for k, n in PATCH_HEADS.items()})
+        self.count = nn.Linear(width, N_COUNTS)
+
+    def forward(self, states: Float[Tensor, "batch patches width"]) -> dict[str, Tensor]:
+        h = self.norm(states)
+        out = {k: head(h) for k, head in self.patch.items()}
+        out["count"] = self.count(h.mean(dim=1))
+        return out
+
+
+def patch_states(model: LlavaForConditionalGeneration, pixels: Tensor) -> Tensor:
+    """The vision states the projector reads: layer ``vision_feature_layer``, CLS dropped."""
+    out = model.model.vision_tower(pixels, output_hidden_states=True)
+    return out.hidden_states[model.config.vision_feature_layer][:, 1:]
+
+
+def _run(
+    name: str,
+    params: Iterable[nn.Parameter],
+    schedule: StageSchedule,
+    loss_at: Callable[[int], Tensor],
+    progress: bool,
+) -> StageResult:
+    """AdamW with linear warm-up and cosine decay to 10%; gradient norm clipped at 1."""
+    params = [p for p in params if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=schedule.lr, betas=(0.9, 0.98), weight_decay=0.0)
+    warm = max(1, int(schedule.warmup * schedule.steps))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        t = (step - warm) / max(1, schedule.steps - warm)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
+
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    start = time.perf_counter()
+    ema = first = float("nan")
+    bar = tqdm(range(schedule.steps), desc=name, disable=not progress, dynamic_ncols=True)
+    for step in bar:
+        loss = loss_at(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        lr_sched.step()
+        value = loss.item()
+        ema = value if math.isnan(ema) else 0.95 * ema + 0.05 * value
+        if step == min(9, schedule.steps - 1):
+            first = ema
+        bar.set_postfix(loss=f"{ema:.4f}")
+    bar.close()
+    return StageResult(name, time.perf_counter() - start, first, ema)
+
+
+def _set_trainable(model: nn.Module, trainable: list[nn.Module]) -> list[nn.Parameter]:
+    model.requires_grad_(False)
+    for m in trainable:
+        m.requires_grad_(True)
+    return [p for m in trainable for p in m.parameters()]
+
+
+def train_vision(
+    model: LlavaForConditionalGeneration,
+    pool: ScenePool,
+    schedule: StageSchedule,
+    rng: np.random.Generator,
+    progress: bool = True,
+) -> tuple[StageResult, VisionHeads]:
+    """Stage (a): the vision tower on per-patch and count labels (images only).
+
+    Returns:
+        The stage result and the trained heads (for `vision_patch_accuracy`; not shipped).
+    """
+    tower = model.model.vision_tower
+    heads = VisionHeads(model.config.vision_config.hidden_size)
+    params = _set_trainable(model, [tower]) + list(heads.parameters())
+    loss_fn = nn.CrossEntropyLoss()
+
+    def loss_at(step: int) -> Tensor:
+        idx = torch.from_numpy(rng.integers(len(pool), size=schedule.batch_size))
+        out = heads(patch_states(model, pool.pixels[idx]))
+        loss = loss_fn(out["count"], pool.counts[idx])
+        for k in PATCH_HEADS:
+            loss = loss + loss_fn(out[k].flatten(0, 1), pool.patch_labels[k][idx].flatten())
+        return loss
+
+    return _run("a: vision", params, schedule, loss_at, progress), heads
+
+
+@torch.no_grad()
+def vision_patch_accuracy(
+    model: LlavaForConditionalGeneration, heads: VisionHeads, pool: ScenePool
+) -> dict[str, float]:
+    """Stage-(a) head accuracy on ``pool``, over object patches only (background excluded)."""
+    correct = {k: 0 for k in PATCH_HEADS}
+    total, count_ok = 0, 0
+    for lo in range(0, len(pool), 256):
+        out = heads(patch_states(model, pool.pixels[lo : lo + 256]))
+        obj = pool.patch_labels["colour"][lo : lo + 256] > 0
+        total += int(obj.sum())
+        for k in PATCH_HEADS:
+            hit = out[k].argmax(-1) == pool.patch_labels[k][lo : lo + 256]
+            correct[k] += int((hit & obj).sum())
+        count_ok += int((out["count"].argmax(-1) == pool.counts[lo : lo + 256]).sum())
+    acc = {f"patch_{k}": c / max(1, total) for k, c in correct.items()}
+    acc["count"] = count_ok / len(pool)
+    return acc
+
+
+def text_example(encoder: Encoder, pool: ScenePool, index: int, rng: np.random.Generator,
+                 caption_fraction: float) -> tuple[list[int], list[bool]]:
+    """A text-only dialogue: the scene in words, then one question, loss on every token."""
+    scene = pool.scenes[index]
+    qa = sample_qa(scene, rng, caption_fraction)
+    text = describe(scene, rng) + " " + qa.question
+    return encoder.encode(text, qa.answer, with_image=False, loss_on="all")
+
+
+def train_text(
+    model: LlavaForConditionalGeneration,
+    pool: ScenePool,
+    encoder: Encoder,
+    schedule: StageSchedule,
+    rng: np.random.Generator,
+    caption_fraction: float,
+    progress: bool = True,
+) -> StageResult:
+    """Stage (b): the language model on text-only scene dialogues."""
+    params = _set_trainable(model, [model.model.language_model, model.lm_head])
+
+    def loss_at(step: int) -> Tensor:
+        idx = rng.integers(len(pool), size=schedule.batch_size)
+        batch = encoder.collate(
+            [text_example(encoder, pool, int(i), rng, caption_fraction) for i in idx]
+        )
+        return model(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels
+        ).loss
+
+    return _run("b: text", params, schedule, loss_at, progress)
+
+
+@torch.no_grad()
+def vision_states(
+    model: LlavaForConditionalGeneration, pixels: Tensor, batch_size: int = 256
+) -> Float[Tensor, "n patches width"]:
+    """Frozen vision states of every image (the projector's input), computed once."""
+    return torch.cat(
+        [patch_states(model, pixels[lo : lo + batch_size]) for lo in range(0, len(pixels), batch_size)]
+    )
+
+
+def multimodal_logits(
+    model: LlavaForConditionalGeneration,
+    batch: Batch,
+    states: Float[Tensor, "batch patches width"],
+    image_token_id: int,
+) -> Float[Tensor, "batch pos vocab"]:
+    """Logits with projected vision states spliced into the placeholders (as in `LlavaModel`)."""
+    embeds = model.get_input_embeddings()(batch.input_ids)
+    image = model.model.multi_modal_projector(states).to(embeds.dtype)
+    mask = (batch.input_ids == image_token_id).unsqueeze(-1).expand_as(embeds)
+    if int(mask[..., 0].sum()) != image.shape[0] * image.shape[1]:
+        raise ValueError("number of image placeholders does not match the number of vision states")
+    embeds = embeds.masked_scatter(mask, image)
+    return model(inputs_embeds=embeds, attention_mask=batch.attention_mask).logits
+
+
+def answer_loss(logits: Tensor, labels: Int[Tensor, "batch pos"]) -> Tensor:
+    """Next-token cross-entropy over supervised positions."""
+    return nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100
+    )
+
+
+def train_multimodal(
+    model: LlavaForConditionalGeneration,
+    pool: ScenePool,
+    states: Float[Tensor, "n patches width"],
+    encoder: Encoder,
+    schedule: StageSchedule,
+    rng: np.random.Generator,
+    *,
+    train_lm: bool,
+    caption_fraction: float,
+    progress: bool = True,
+) -> StageResult:
+    """Stages (c) (``train_lm=False``: projector only) and (d) (projector + language model).
+
+    Each example is one image and one question; in stage (c) the question is always the caption
+    request, in stage (d) a caption request with probability ``caption_fraction``.
+    """
+    modules: list[nn.Module] = [model.model.multi_modal_projector]
+    if train_lm:
+        modules += [model.model.language_model, model.lm_head]
+    params = _set_trainable(model, modules)
+    fraction = caption_fraction if train_lm else 1.0
+
+    def loss_at(step: int) -> Tensor:
+        idx = rng.integers(len(pool), size=schedule.batch_size)
+        encoded = []
+        for i in idx:
+            qa = sample_qa(pool.scenes[int(i)], rng, fraction)
+            encoded.append(encoder.encode(qa.question, qa.answer, with_image=True))
+        batch = encoder.collate(encoded)
+        logits = multimodal_logits(model, batch, states[torch.from_numpy(idx)], encoder.image_token_id)
+        return answer_loss(logits, batch.labels)
+
+    name = "d: instruct" if train_lm else "c: projector"
+    return _run(name, params, schedule, loss_at, progress)
