@@ -41,6 +41,10 @@ HookSpec = tuple[Union[str, Callable[[str], bool]], HookFn]
 _hook_levels = itertools.count(1_000_000)  # our own context levels, clear of TransformerLens's
 
 
+class _StopForward(Exception):
+    """Raised inside a pre-hook to end a forward pass once what it needed was captured."""
+
+
 @dataclass(frozen=True)
 class Generation:
     """Greedy continuations of a batch.
@@ -342,6 +346,74 @@ class HookedVLM:
         else:
             return []
         return [n for n in items if not (set("*?[") & set(n))]
+
+    # ---- the language model on embeddings -------------------------------------------
+
+    def input_embeddings(self, inputs: VLMInputs) -> Float[Tensor, "batch pos d_model"]:
+        """The embeddings the language model receives: text-token embeddings with the
+        image features in place of the placeholders (HF's merged ``inputs_embeds``).
+
+        Runs the vision stack and stops before the language model's first layer. Feed
+        the result (or a subset of its positions) to :meth:`run_language_model`.
+        """
+        module = self.adapter.language_model(self.hf_model)
+        captured: dict[str, Tensor] = {}
+
+        def grab(_module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            embeds = kwargs.get("inputs_embeds")
+            if embeds is None:
+                raise RuntimeError(
+                    f"{type(_module).__name__} was called without inputs_embeds; the {self.adapter.family} "
+                    "adapter must override language_model() to name the module that receives them"
+                )
+            captured["embeds"] = embeds.detach()
+            raise _StopForward
+
+        handle = module.register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                self.forward(inputs)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        if "embeds" not in captured:
+            raise RuntimeError(f"the language model ({type(module).__name__}) never ran in the forward pass")
+        return captured["embeds"]
+
+    def run_language_model(
+        self,
+        inputs_embeds: Float[Tensor, "batch pos d_model"],
+        attention_mask: Optional[Int[Tensor, "batch kv_pos"]] = None,
+        position_ids: Optional[Int[Tensor, "batch pos"]] = None,
+        past_key_values: Any = None,
+        use_cache: bool = False,
+        logits_to_keep: Optional[Int[Tensor, "keep"]] = None,
+    ) -> tuple[Float[Tensor, "batch keep d_vocab"], Any]:
+        """Run the language model alone on given input embeddings (hooks fire as usual).
+
+        Args:
+            inputs_embeds: E.g. a subset of :meth:`input_embeddings`' positions.
+            attention_mask: 1 for keys to attend to, 0 for keys to hide, over the cached
+                positions followed by the new ones (``[batch, past + pos]``).
+            position_ids: Position of each new token (default ``past + arange(pos)``);
+                removing tokens and renumbering is done through these.
+            past_key_values: A Hugging Face cache of earlier positions.
+            use_cache: Return the updated cache.
+            logits_to_keep: Indices of the positions whose logits to compute (default all).
+
+        Returns:
+            The logits and the key/value cache (None unless ``use_cache``).
+        """
+        return self.adapter.run_language_model(
+            self.hf_model,
+            inputs_embeds.to(self.dtype),
+            attention_mask,
+            position_ids,
+            past_key_values,
+            use_cache,
+            logits_to_keep,
+        )
 
     # ---- generation -----------------------------------------------------------------
 

@@ -194,6 +194,48 @@ class VisionPrefixAdapter(ABC):
             )
         return {name: batch[name] for name in self.model_input_names}
 
+    # ---- the language model on its own (token removal, gradients) ---------------------
+
+    causal_prefix: ClassVar[bool] = True
+    """Whether a position's language-model state depends only on the positions before it.
+
+    True for a plain causal language model: then the key/value cache of a prefix can be
+    reused when later tokens change (``vlens.analysis.token_count_curve`` relies on it).
+    A family whose language model attends bidirectionally within images (Gemma3 with
+    ``token_type_ids``) sets it False, and such analyses fall back to full forwards."""
+
+    def language_model(self, hf_model: torch.nn.Module) -> torch.nn.Module:
+        """The module that receives the merged input embeddings as ``inputs_embeds``."""
+        return hf_model.get_decoder()
+
+    def run_language_model(
+        self,
+        hf_model: torch.nn.Module,
+        inputs_embeds: torch.Tensor,
+        attention_mask: Optional[torch.Tensor],
+        position_ids: Optional[torch.Tensor],
+        past_key_values: Any,
+        use_cache: bool,
+        logits_to_keep: Optional[torch.Tensor],
+    ) -> tuple[torch.Tensor, Any]:
+        """Logits (and the new key/value cache) of the language model run on embeddings.
+
+        The default calls the whole model with ``inputs_embeds`` and no image tensors,
+        which every HF vision-prefix class of the LLaVA kind accepts; a family whose
+        forward requires pixel values (BLIP-2) overrides this.
+        """
+        kwargs: dict[str, Any] = {
+            "inputs_embeds": inputs_embeds,
+            "attention_mask": attention_mask,
+            "position_ids": position_ids,
+            "past_key_values": past_key_values,
+            "use_cache": use_cache,
+        }
+        if logits_to_keep is not None:
+            kwargs["logits_to_keep"] = logits_to_keep
+        out = hf_model(**kwargs)
+        return out.logits, getattr(out, "past_key_values", None)
+
     def describe(self) -> dict[str, Any]:
         """A short summary for ``vlens info``."""
         return {"family": self.family, "image_token": self.image_token, "image_token_id": self.image_token_id}
