@@ -9,11 +9,12 @@ from __future__ import annotations
 from typing import Any
 
 from vlens.adapters.base import VisionPrefixAdapter
+from vlens.adapters.idefics3 import Idefics3Adapter
 from vlens.adapters.llava import LlavaAdapter
 from vlens.adapters.llava_next import LlavaNextAdapter
 from vlens.errors import UnsupportedArchitectureError
 
-ADAPTERS: tuple[type[VisionPrefixAdapter], ...] = (LlavaAdapter, LlavaNextAdapter)
+ADAPTERS: tuple[type[VisionPrefixAdapter], ...] = (LlavaAdapter, LlavaNextAdapter, Idefics3Adapter)
 
 
 def supported_architectures() -> dict[str, type[VisionPrefixAdapter]]:

@@ -1,0 +1,178 @@
+"""Idefics3 and SmolVLM (``Idefics3ForConditionalGeneration``): crops plus a global image.
+
+The image processor resizes an image (longest edge to ``size["longest_edge"]``), rounds
+it up to whole crops of the vision tower's input size and cuts it into ``rows x cols``
+crops, then adds the whole image resized to one crop (the *global* image). Every crop
+goes through the SigLIP-style tower; the connector's pixel shuffle folds each
+``scale_factor x scale_factor`` block of patches into one token, so a crop becomes a
+``g x g`` grid (``g = image_size // patch_size // scale_factor``) in raster order. The
+processor writes, per image::
+
+    <fake_token_around_image><row_1_col_1><image>*g² <fake_token_around_image><row_1_col_2>...\\n
+    ...
+    \\n<fake_token_around_image><global-img><image>*g²<fake_token_around_image>
+
+(an image that needs no split is only the global part). In the layout, tile 0 is the
+global image and tiles ``1..rows*cols`` the crops in row-major order, numbered from the
+``<row_i_col_j>`` tag in front of each run; the tags and ``<fake_token_around_image>`` are
+markers.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+from transformers import BatchFeature
+
+from vlens.adapters.base import VisionPrefixAdapter, expect
+from vlens.errors import PromptError, UnsupportedArchitectureError
+from vlens.layout import ImageSpan, contiguous_runs
+
+# TransformerLens's Idefics3 bridge is its Llama bridge re-rooted at model.text_model.
+LLAMA_TEXT_MODELS = ("llama",)
+_ROW_COL = re.compile(r"^<row_(\d+)_col_(\d+)>$")
+GLOBAL_TAG = "<global-img>"
+FAKE_TOKEN = "<fake_token_around_image>"
+
+
+class Idefics3Adapter(VisionPrefixAdapter):
+    family = "idefics3"
+    hf_architectures = ("Idefics3ForConditionalGeneration",)
+    tl_architecture = "Idefics3ForConditionalGeneration"
+    model_input_names = ("pixel_attention_mask",)
+    fallback_template = "User:{images}{prompt}<end_of_utterance>\nAssistant:"
+    nested_images = True
+
+    @classmethod
+    def check_config(cls, config: Any) -> None:
+        super().check_config(config)
+        expect(config.vision_config, "model_type", ("idefics3_vision",), cls.family)
+        expect(config.text_config, "model_type", LLAMA_TEXT_MODELS, cls.family)
+        vision = config.vision_config
+        size, patch, scale = vision.image_size, vision.patch_size, config.scale_factor
+        if not all(isinstance(v, int) for v in (size, patch, scale)):
+            raise UnsupportedArchitectureError(
+                f"idefics3: vision_config.image_size={size!r}, patch_size={patch!r} and scale_factor={scale!r} must "
+                "be integers (square crops); vlens does not handle rectangular towers"
+            )
+        if size % patch or (size // patch) % scale:
+            raise UnsupportedArchitectureError(
+                f"idefics3: a {size}px crop with patch_size {patch} is a {size // patch}-patch grid (remainder "
+                f"{size % patch}), which pixel shuffle with scale_factor {scale} cannot fold evenly; vlens needs "
+                "image_size divisible by patch_size and the patch grid divisible by scale_factor"
+            )
+
+    def __init__(self, config: Any, processor: Any) -> None:
+        super().__init__(config, processor)
+        vocab = self.tokenizer.get_vocab()
+        self._row_col_of: dict[int, tuple[int, int]] = {}
+        for token, token_id in vocab.items():
+            match = _ROW_COL.match(token)
+            if match:
+                self._row_col_of[token_id] = (int(match.group(1)), int(match.group(2)))
+        missing = [t for t in (GLOBAL_TAG, FAKE_TOKEN) if t not in vocab]
+        if missing:
+            raise UnsupportedArchitectureError(
+                f"idefics3: the tokenizer has no {missing} token(s); vlens reads the image layout from the "
+                f"{FAKE_TOKEN}, {GLOBAL_TAG} and <row_i_col_j> tokens the processor writes"
+            )
+        self._global_id = int(vocab[GLOBAL_TAG])
+        self._fake_id = int(vocab[FAKE_TOKEN])
+
+    @property
+    def tile_side(self) -> int:
+        """Side of the token grid of one crop (or of the global image) after pixel shuffle."""
+        vision = self.config.vision_config
+        return vision.image_size // vision.patch_size // self.config.scale_factor
+
+    def marker_ids(self) -> frozenset[int]:
+        return frozenset({self._fake_id, self._global_id, *self._row_col_of})
+
+    def model_extras(self, batch: BatchFeature) -> dict[str, torch.Tensor]:
+        # pixel_attention_mask is optional in HF's forward (all-ones when absent).
+        return {name: batch[name] for name in self.model_input_names if name in batch}
+
+    def image_spans(self, batch: BatchFeature, row: int, positions: torch.Tensor) -> list[ImageSpan]:
+        ids = batch["input_ids"][row]
+        g = self.tile_side
+        spans: list[ImageSpan] = []
+        crops: list[tuple[tuple[int, int], torch.Tensor]] = []
+        for run in contiguous_runs(positions):
+            start = int(run[0])
+            tag = int(ids[start - 1]) if start > 0 else None
+            where = f"row {row}, image tokens at {start}..{int(run[-1])}"
+            if run.shape[0] != g * g:
+                raise PromptError(
+                    f"{where}: {run.shape[0]} image tokens, but each crop and the global image become "
+                    f"{g}x{g} = {g * g} tokens for this config (image_size // patch_size // scale_factor = {g}); "
+                    "the processor's image_seq_len disagrees with the model config"
+                )
+            if tag in self._row_col_of:
+                crops.append((self._row_col_of[tag], run))
+            elif tag == self._global_id:
+                spans.append(self._image_span(len(spans), crops, run, where))
+                crops = []
+            else:
+                found = None if tag is None else self.tokenizer.convert_ids_to_tokens(tag)
+                raise PromptError(
+                    f"{where}: expected a <row_i_col_j> or {GLOBAL_TAG} token just before the image tokens, found "
+                    f"{found!r}; vlens reads the crop layout from these tags"
+                )
+        if crops:
+            raise PromptError(f"row {row}: {len(crops)} crop(s) at the end have no {GLOBAL_TAG} image after them")
+        self._check_pixel_count(batch, row, spans)
+        return spans
+
+    def _image_span(
+        self, index: int, crops: list[tuple[tuple[int, int], torch.Tensor]], global_run: torch.Tensor, where: str
+    ) -> ImageSpan:
+        g = self.tile_side
+        n_rows = max((rc[0] for rc, _ in crops), default=0)
+        n_cols = max((rc[1] for rc, _ in crops), default=0)
+        expected = [(i, j) for i in range(1, n_rows + 1) for j in range(1, n_cols + 1)]
+        if [rc for rc, _ in crops] != expected:
+            raise PromptError(
+                f"{where}: image {index}'s crop tags {[rc for rc, _ in crops]} are not a full {n_rows}x{n_cols} grid "
+                "in row-major order"
+            )
+        r = torch.arange(g).repeat_interleave(g)
+        c = torch.arange(g).repeat(g)
+        grid_rc = torch.stack([r, c], dim=1)
+        positions, tiles, row_cols, labels = [], [], [], []
+        # Tokens in sequence order: the crops first, then the global image (tile 0).
+        for t, (_, run) in enumerate(crops, start=1):
+            positions.append(run)
+            tiles.append(torch.full((g * g,), t, dtype=torch.long))
+            row_cols.append(grid_rc)
+            labels += [f"<t{t} {i},{j}>" for i, j in zip(r.tolist(), c.tolist())]
+        positions.append(global_run)
+        tiles.append(torch.zeros(g * g, dtype=torch.long))
+        row_cols.append(grid_rc)
+        labels += [f"<img {i},{j}>" for i, j in zip(r.tolist(), c.tolist())]
+        return ImageSpan(
+            image_index=index,
+            positions=torch.cat(positions),
+            tile=torch.cat(tiles),
+            row_col=torch.cat(row_cols),
+            tile_grids={t: (g, g) for t in range(len(crops) + 1)},
+            labels=tuple(labels),
+        )
+
+    def _check_pixel_count(self, batch: BatchFeature, row: int, spans: list[ImageSpan]) -> None:
+        """The row's sub-images in ``pixel_values`` (padding images are all zero, as HF
+        tells them apart) must be as many as the layout's tiles."""
+        pixel_values = batch.get("pixel_values")
+        if pixel_values is None:
+            if spans:
+                raise PromptError(f"row {row}: the prompt has image tokens but the processor returned no pixel_values")
+            return
+        per_image = pixel_values[row].flatten(1)
+        n_real = int((per_image != 0).any(dim=1).sum())
+        n_tiles = sum(len(span.tile_grids) for span in spans)
+        if n_real != n_tiles:
+            raise PromptError(
+                f"row {row}: the image tokens describe {n_tiles} crops and global images, but pixel_values holds "
+                f"{n_real} real sub-images"
+            )
