@@ -1,0 +1,77 @@
+"""Forward and caching overhead of HookedVLM against the plain Hugging Face model.
+
+Runs, interleaved, after warm-up, on the medium random LLaVA (224 px: 256 image tokens
+plus ~30 text tokens): the Hugging Face eager forward (baseline), HookedVLM's forward
+with no hooks, run_with_cache with only ``blocks.*.hook_resid_post``, and run_with_cache
+with everything. Prints the median time of each and its ratio to the baseline, and
+the full cache's size with each storage counted once against the sum of its entries.
+
+Usage: python -m benchmarks.overhead [--runs 15] [--threads 2] [--image-size 224]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--model-dir", type=Path, default=None, help="reuse/keep the random checkpoint here")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from benchmarks._models import QUESTION, bench_image, build_medium_llava
+    from vlens import HookedVLM
+
+    folder = args.model_dir or Path(tempfile.mkdtemp()) / "medium_llava"
+    build_medium_llava(folder, image_size=args.image_size)
+    model = HookedVLM.from_pretrained(folder, device="cpu")
+    baseline = type(model.hf_model).from_pretrained(folder, attn_implementation="eager").eval()
+    inputs = model.prepare(bench_image(), QUESTION)
+    kwargs = inputs.model_kwargs()
+    print(f"sequence: {inputs.input_ids.shape[1]} tokens, {int(inputs.layout.image_mask.sum())} image tokens")
+
+    modes = {
+        "hf_eager_forward": lambda: baseline(**kwargs).logits,
+        "vlens_forward": lambda: model(inputs),
+        "cache_resid_post": lambda: model.run_with_cache(inputs, names_filter="blocks.*.hook_resid_post"),
+        "cache_everything": lambda: model.run_with_cache(inputs),
+    }
+    times: dict[str, list[float]] = {name: [] for name in modes}
+    with torch.inference_mode():
+        for fn in modes.values():  # warm-up
+            fn()
+            fn()
+        for _ in range(args.runs):
+            for name, fn in modes.items():
+                start = time.perf_counter()
+                out = fn()
+                times[name].append(time.perf_counter() - start)
+                del out
+        logits, cache = model.run_with_cache(inputs)
+        same = torch.equal(logits, baseline(**kwargs).logits)
+
+    base = statistics.median(times["hf_eager_forward"])
+    print(f"{'mode':<20}{'median ms':>12}{'ratio':>8}")
+    for name, values in times.items():
+        med = statistics.median(values)
+        print(f"{name:<20}{med * 1e3:>12.1f}{med / base:>8.3f}")
+    summed = sum(t.untyped_storage().nbytes() if t.storage_offset() == 0 else t.nbytes for t in cache.cache_dict.values())
+    print(f"full cache: {len(cache.cache_dict)} entries, {cache.nbytes() / 2**20:.1f} MiB unique storage, "
+          f"{sum(t.nbytes for t in cache.cache_dict.values()) / 2**20:.1f} MiB summed over entries, "
+          f"{len(cache.aliases)} alias names resolve to stored entries")
+    print(f"logits identical to HF: {same}")
+    del summed
+
+
+if __name__ == "__main__":
+    main()
