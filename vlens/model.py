@@ -9,6 +9,7 @@ and every ``HookPoint`` fires under its TransformerLens name.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 from contextlib import contextmanager
@@ -213,7 +214,10 @@ class HookedVLM:
                 answer-token analyses); one per example in a batch, None for none.
             chat_template: Wrap the prompt in the processor's chat template.
         """
-        return prepare_batch(self.adapter, images, prompts, answer, chat_template)
+        inputs = prepare_batch(self.adapter, images, prompts, answer, chat_template)
+        if self.adapter.layout_needs_model:
+            inputs = dataclasses.replace(inputs, layout=self.adapter.enrich_layout(self, inputs))
+        return inputs
 
     def _model_kwargs(self, inputs: VLMInputs) -> dict[str, Any]:
         if not isinstance(inputs, VLMInputs):

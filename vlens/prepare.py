@@ -83,7 +83,7 @@ def prepare_batch(
     full_texts = [
         t if a is None else t + adapter.answer_separator(t) + a for t, a in zip(prompt_texts, rows_answers)
     ]
-    batch = adapter.process(rows_images, full_texts)
+    batch = adapter.process_full(rows_images, full_texts, prompt_texts)
     lengths = batch["attention_mask"].sum(1).tolist()
     answer_start = list(lengths)
     if any(a is not None for a in rows_answers):

@@ -9,12 +9,13 @@ from __future__ import annotations
 from typing import Any
 
 from vlens.adapters.base import VisionPrefixAdapter
+from vlens.adapters.blip import Blip2Adapter, InstructBlipAdapter
 from vlens.adapters.idefics3 import Idefics3Adapter
 from vlens.adapters.llava import LlavaAdapter
 from vlens.adapters.llava_next import LlavaNextAdapter
 from vlens.errors import UnsupportedArchitectureError
 
-ADAPTERS: tuple[type[VisionPrefixAdapter], ...] = (LlavaAdapter, LlavaNextAdapter, Idefics3Adapter)
+ADAPTERS: tuple[type[VisionPrefixAdapter], ...] = (LlavaAdapter, LlavaNextAdapter, Idefics3Adapter, Blip2Adapter, InstructBlipAdapter)
 
 
 def supported_architectures() -> dict[str, type[VisionPrefixAdapter]]:

@@ -31,6 +31,8 @@ class VisionPrefixAdapter(ABC):
             ``attention_mask`` and ``pixel_values``, that the HF forward needs.
         fallback_template: Prompt template used when the processor has no chat
             template; ``{images}`` becomes the placeholders, ``{prompt}`` the prompt.
+        layout_needs_model: Whether the layout needs a forward of the model's vision
+            stack (:meth:`enrich_layout`), e.g. Q-Former query attention maps.
     """
 
     family: ClassVar[str]
@@ -38,6 +40,7 @@ class VisionPrefixAdapter(ABC):
     tl_architecture: ClassVar[str]
     model_input_names: ClassVar[tuple[str, ...]] = ()
     fallback_template: ClassVar[str] = "{images}\n{prompt}"
+    layout_needs_model: ClassVar[bool] = False
     stage_prefixes: ClassVar[dict[str, tuple[str, ...]]] = {
         "vision": ("vision_encoder.",),
         "connector": ("vision_projector.",),
@@ -163,6 +166,19 @@ class VisionPrefixAdapter(ABC):
             return self.processor(**kwargs)
         finally:
             tokenizer.padding_side = old_side
+
+    def process_full(
+        self, images: Sequence[Sequence[PIL.Image.Image]], texts: Sequence[str], prompt_texts: Sequence[str]
+    ) -> BatchFeature:
+        """Process prompts with their answers appended (``texts``); ``prompt_texts`` are the
+        prompts alone. Default: ``process(images, texts)``. A family whose connector reads
+        text (InstructBLIP's Q-Former) overrides it so the connector reads the prompt only."""
+        return self.process(images, texts)
+
+    def enrich_layout(self, model: Any, inputs: Any) -> TokenLayout:
+        """The layout of ``inputs`` completed with facts that need the model (called by
+        ``HookedVLM.prepare`` when ``layout_needs_model``). Default: unchanged."""
+        return inputs.layout
 
     nested_images: ClassVar[bool] = False
     """Whether the processor wants images as a list per example (Idefics3) or flat."""
