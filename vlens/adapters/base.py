@@ -116,7 +116,7 @@ class VisionPrefixAdapter(ABC):
         ``chat_template=False`` the prompt is used verbatim and must contain one image
         placeholder per image.
         """
-        placeholder = self.image_token
+        placeholder = self.prompt_placeholder()
         found = prompt.count(placeholder)
         if not chat_template:
             if found != n_images:
@@ -146,6 +146,15 @@ class VisionPrefixAdapter(ABC):
         if found:
             return self.fallback_template.format(images="", prompt=prompt)
         return self.fallback_template.format(images=placeholder * n_images, prompt=prompt)
+
+    def prompt_placeholder(self) -> str:
+        """The text that stands for one image in a prompt, before the processor expands it.
+
+        Default: the image token itself (``<image>``). A family whose processor expands a
+        different token (Gemma3 writes ``<start_of_image>`` and expands it into
+        ``<image_soft_token>`` s) overrides this.
+        """
+        return self.image_token
 
     def answer_separator(self, prompt_text: str) -> str:
         """What goes between the generation prompt and the answer text."""
