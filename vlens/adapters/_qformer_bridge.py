@@ -15,7 +15,7 @@ tree of a BLIP model:
     ``.encoder_layers.{i}``              ``hook_resid_pre`` / ``hook_resid_post``
         ``.attn.hook_pattern``           [batch, head, 1 + patches, 1 + patches]
         ``.ln1 .ln2 .mlp .attn.qkv .attn.o``
-    ``.post_layernorm``                  its output is what the Q-Former reads
+    ``.hook_out``                        after the post-LayerNorm: what the Q-Former reads
 ``qformer``                              ``hook_in`` = the learned query tokens
     ``.embed_ln`` (BLIP-2) / ``.embeddings`` (InstructBLIP: queries + instruction)
     ``.layers.{i}``                      ``hook_resid_pre`` / ``hook_resid_post``,
@@ -112,7 +112,7 @@ class BlipVisionLayerBridge(GeneralizedComponent):
 
 
 class BlipVisionEncoderBridge(GeneralizedComponent):
-    """The BLIP vision tower: embeddings, encoder layers, post-LayerNorm."""
+    """The BLIP vision tower: embeddings, encoder layers (then HF's post-LayerNorm)."""
 
     hook_aliases = {"hook_vision_embed": "embeddings.hook_out", "hook_vision_out": "hook_out"}
 
@@ -123,9 +123,9 @@ class BlipVisionEncoderBridge(GeneralizedComponent):
             submodules={
                 "embeddings": GeneralizedComponent(name="embeddings"),
                 "encoder_layers": BlipVisionLayerBridge(name="encoder.layers", attn_config=attn_config),
-                "post_layernorm": NormalizationBridge(
-                    name="post_layernorm", config=attn_config, use_native_layernorm_autograd=True
-                ),
+                # No bridge on post_layernorm: HF applies it twice (patch states, then the
+                # pooled CLS), so its hooks would fire twice with different tensors. The
+                # tower's hook_out is its output on the patch states, what the Q-Former reads.
             },
         )
 
