@@ -1,0 +1,202 @@
+"""Answer loss with some visual tokens removed from the sequence: the shared engine.
+
+Removing a token means the model is given the sequence without it: later tokens move
+one position earlier, exactly as if the processor had produced the shorter sequence.
+Everything runs on the merged input embeddings (``HookedVLM.input_embeddings``), so
+the vision stack runs once.
+
+Two engines give the same losses:
+
+* ``"naive"``: one forward of the language model per variant, on the reduced
+  embeddings with position ids ``0..len-1``.
+* ``"kv"``: in a causal language model the state of position p depends only on
+  positions <= p, so for a variant whose first removed position is c, positions < c
+  have exactly the full sequence's keys and values (same tokens, same positions). The
+  full sequence runs once with a key/value cache; each variant then runs only its
+  suffix (kept tokens from c on, at positions c, c+1, ...), batched with other
+  variants: the cache is cut to the chunk's largest c and each row's attention mask
+  hides the cache entries at or after its own c.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from vlens.errors import AnalysisInputError
+
+Engine = Literal["kv", "naive"]
+ENGINES = ("kv", "naive")
+
+
+@dataclass(frozen=True)
+class RowProblem:
+    """One batch row, ready for knock-outs.
+
+    Attributes:
+        embeds: The row's merged input embeddings (real tokens only), model dtype.
+        ids: Its token ids.
+        answer: Positions t of the answer tokens (each predicted from t - 1).
+        image: Positions of its image tokens, ascending.
+    """
+
+    embeds: Float[Tensor, "pos d_model"]
+    ids: Int[Tensor, "pos"]
+    answer: Int[Tensor, "n_answer"]
+    image: Int[Tensor, "img"]
+
+
+def row_problems(model: Any, inputs: Any, analysis: str) -> list[RowProblem]:
+    """Embeddings, ids, answer and image positions of every row of a batch."""
+    layout = inputs.layout
+    missing = [row for row in range(layout.batch_size) if not bool(layout.answer_mask[row].any())]
+    if missing:
+        raise AnalysisInputError(
+            f"{analysis} measures the answer's loss, but row(s) {missing} have no answer tokens; "
+            "pass answer= to model.prepare"
+        )
+    embeds = model.input_embeddings(inputs)
+    problems = []
+    for row in range(layout.batch_size):
+        length = int(layout.lengths[row])
+        image = layout.image_positions(row)
+        if image.numel() == 0:
+            raise AnalysisInputError(f"{analysis}: row {row} has no image tokens to remove")
+        answer = layout.answer_mask[row, :length].nonzero().flatten()
+        if int(answer[0]) == 0:
+            raise AnalysisInputError(f"{analysis}: row {row}'s answer starts at position 0; nothing predicts it")
+        problems.append(
+            RowProblem(
+                embeds=embeds[row, :length],
+                ids=inputs.input_ids[row, :length].to(embeds.device),
+                answer=answer.to(embeds.device),
+                image=image.to(embeds.device),
+            )
+        )
+    return problems
+
+
+def answer_loss(logits: Float[Tensor, "n vocab"], targets: Int[Tensor, "n"]) -> Float[Tensor, ""]:
+    """Mean cross-entropy (natural log) of the targets, in float32."""
+    return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="mean")
+
+
+def full_loss(model: Any, problem: RowProblem) -> float:
+    with torch.no_grad():
+        logits, _ = model.run_language_model(problem.embeds[None], logits_to_keep=problem.answer - 1)
+    return float(answer_loss(logits[0], problem.ids[problem.answer]))
+
+
+def variant_losses(
+    model: Any,
+    problem: RowProblem,
+    keeps: Bool[Tensor, "variant pos"],
+    engine: Engine = "kv",
+    batch_size: int = 8,
+) -> Float[Tensor, "variant"]:
+    """The answer loss of each variant of a row (``keeps[v]``: positions it keeps).
+
+    Every variant must keep every answer token and the token before the first one.
+    """
+    if engine not in ENGINES:
+        raise AnalysisInputError(f"unknown engine {engine!r}; choose one of {list(ENGINES)}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise AnalysisInputError(f"batch_size must be a positive int, got {batch_size!r}")
+    keeps = keeps.to(problem.embeds.device)
+    if not bool(keeps[:, problem.answer].all()):
+        raise AnalysisInputError("a variant removes an answer token; only non-answer tokens can be removed")
+    if engine == "kv" and not model.adapter.causal_prefix:
+        engine = "naive"  # this family's attention is not causal within images: no prefix reuse
+    with torch.no_grad():
+        if engine == "naive":
+            return torch.stack([_naive_loss(model, problem, keep) for keep in keeps]).cpu()
+        return _kv_losses(model, problem, keeps, batch_size).cpu()
+
+
+def _naive_loss(model: Any, problem: RowProblem, keep: Tensor) -> Tensor:
+    embeds = problem.embeds[keep][None]
+    n = embeds.shape[1]
+    new_index = keep.long().cumsum(0) - 1
+    logits, _ = model.run_language_model(
+        embeds,
+        attention_mask=torch.ones(1, n, dtype=torch.long, device=embeds.device),
+        position_ids=torch.arange(n, device=embeds.device)[None],
+    )
+    return answer_loss(logits[0, new_index[problem.answer] - 1], problem.ids[problem.answer])
+
+
+def _kv_losses(model: Any, problem: RowProblem, keeps: Tensor, batch_size: int) -> Tensor:
+    from transformers import DynamicCache
+
+    device = problem.embeds.device
+    length = problem.embeds.shape[0]
+    targets = problem.ids[problem.answer]
+    # First removed position of each variant (the row length when it removes nothing).
+    removed = ~keeps
+    first = torch.where(removed.any(1), removed.float().argmax(1), torch.full_like(keeps[:, 0], length, dtype=torch.long))
+    logits, cache = model.run_language_model(
+        problem.embeds[None],
+        attention_mask=torch.ones(1, length, dtype=torch.long, device=device),
+        use_cache=True,
+        logits_to_keep=problem.answer - 1,
+    )
+    full = answer_loss(logits[0], targets)
+    kv = [(layer.keys, layer.values) for layer in cache.layers]
+    losses = torch.full((keeps.shape[0],), float("nan"), device=device)
+    losses[first == length] = full
+    todo = (first < length).nonzero().flatten()
+    todo = todo[first[todo].argsort()]  # neighbours share cache length and suffix length
+    if bool((first[todo] > problem.answer[0] - 1).any()):
+        raise AnalysisInputError("a variant removes a token after the answer starts; only earlier tokens can go")
+    for chunk in todo.split(batch_size):
+        losses[chunk] = _suffix_losses(model, problem, keeps[chunk], first[chunk], kv, targets, DynamicCache)
+    return losses
+
+
+def _suffix_losses(
+    model: Any, problem: RowProblem, keeps: Tensor, starts: Tensor, kv: list, targets: Tensor, cache_cls: type
+) -> Tensor:
+    device = problem.embeds.device
+    batch = keeps.shape[0]
+    c_max = int(starts.max())
+    suffixes = [keep[c:].nonzero().flatten() + c for keep, c in zip(keeps, starts.tolist())]
+    s_max = max(len(s) for s in suffixes)
+    d_model = problem.embeds.shape[-1]
+    embeds = problem.embeds.new_zeros(batch, s_max, d_model)
+    mask = torch.zeros(batch, c_max + s_max, dtype=torch.long, device=device)
+    position_ids = torch.zeros(batch, s_max, dtype=torch.long, device=device)
+    # Where each answer target is predicted from, as an index into the suffix.
+    pred = torch.empty(batch, len(problem.answer), dtype=torch.long, device=device)
+    for i, (suffix, c) in enumerate(zip(suffixes, starts.tolist())):
+        n = len(suffix)
+        # Right padding: padded queries come after every real one, so no real query sees
+        # them, and each still attends to something (no fully masked, NaN rows).
+        embeds[i, :n] = problem.embeds[suffix]
+        mask[i, :c] = 1
+        mask[i, c_max : c_max + n] = 1
+        position_ids[i] = c + torch.arange(s_max, device=device)
+        index_in_suffix = torch.searchsorted(suffix, problem.answer)  # answer tokens are all kept
+        pred[i] = index_in_suffix - 1
+    if bool((pred < 0).any()):
+        raise AnalysisInputError("a variant's first removed token is the one right before the answer")
+    keep_idx, inverse = pred.flatten().unique(return_inverse=True)
+    past = None
+    if c_max > 0:
+        past = cache_cls(ddp_cache_data=[(k[:, :, :c_max].expand(batch, -1, -1, -1), v[:, :, :c_max].expand(batch, -1, -1, -1)) for k, v in kv])
+    logits, _ = model.run_language_model(
+        embeds,
+        attention_mask=mask,
+        position_ids=position_ids,
+        past_key_values=past,
+        use_cache=past is not None,
+        logits_to_keep=keep_idx,
+    )
+    picked = logits.gather(1, inverse.view(batch, -1, 1).expand(-1, -1, logits.shape[-1]))
+    ce = torch.nn.functional.cross_entropy(
+        picked.float().flatten(0, 1), targets.repeat(batch), reduction="none"
+    ).view(batch, -1)
+    return ce.mean(1)

@@ -1,0 +1,243 @@
+"""How many visual tokens the answer needs, and which ones it uses.
+
+Both analyses measure the answer's loss: the mean cross-entropy (natural log) of the
+answer tokens, each predicted from the position before it, computed in float32.
+Removing a visual token means the model is given the sequence without it, later tokens
+moving one position earlier (see :mod:`vlens.analysis.knockout`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, Optional, Sequence, Union
+
+import pandas as pd
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from vlens.analysis._common import long_frame, stack_rows, typechecked
+from vlens.analysis.knockout import ENGINES, Engine, answer_loss, full_loss, row_problems, variant_losses
+from vlens.errors import AnalysisInputError
+
+Order = Union[Literal["raster", "random"], Sequence[int], Tensor]
+HOOKS: tuple[str, ...] = ()
+"""These analyses run the model themselves and read no cache."""
+
+
+@typechecked
+@dataclass(frozen=True, eq=False)
+class CountCurveResult:
+    """Answer loss as a function of how many visual tokens the model is given.
+
+    ``loss[i]`` is the answer loss when only the first ``counts[i]`` image tokens of
+    ``order`` are kept and every other image token is removed from the sequence (later
+    positions shift down, as if the model had been given only those tokens). Image
+    tokens are all of a row's image positions (every image, separators included).
+
+    Batched inputs add a leading ``batch`` axis to ``loss``, ``full_loss``, ``order``;
+    ``counts`` is shared, and ``loss`` is NaN where a count exceeds a row's image tokens.
+
+    Attributes:
+        counts: How many image tokens are kept, ``[n]``.
+        loss: Mean cross-entropy over the answer tokens, ``[n]``.
+        full_loss: The loss with every image token kept.
+        order: Image-token sequence positions in the order they are kept.
+        engine: ``"kv"`` (prefix reuse) or ``"naive"`` (one forward per count).
+    """
+
+    counts: Int[Tensor, "n"]
+    loss: Float[Tensor, "*batch n"]
+    full_loss: Float[Tensor, "*batch"]
+    order: Int[Tensor, "*batch img"]
+    engine: str
+
+    @property
+    def batched(self) -> bool:
+        return self.loss.ndim == 2
+
+    def to_frame(self) -> pd.DataFrame:
+        """Long format: count, loss."""
+        return long_frame({"loss": self.loss}, dims=("count",), coords={"count": self.counts}, batched=self.batched)
+
+
+@typechecked
+@dataclass(frozen=True, eq=False)
+class ContributionResult:
+    """How much each visual token matters to the answer.
+
+    ``method="drop"``: ``delta_loss[i]`` is the answer loss with image token i alone
+    removed from the sequence, minus the loss with every token (positive: the answer
+    needed it).
+
+    ``method="gradient"``: the first-order (Taylor) estimate of that change for zeroing
+    the token's input embedding instead of removing it:
+    ``delta_loss[i] = grad_e L · (0 - e_i)`` with ``e_i`` the merged input embedding at
+    the token's position and ``grad_e L`` the gradient of the answer loss there, from
+    one forward and one backward pass.
+
+    Batched inputs add a leading ``batch`` axis (ragged image axes padded with NaN / -1).
+
+    Attributes:
+        delta_loss: ``[img]``.
+        image_positions: Sequence position of each ``img`` entry.
+        full_loss: The answer loss with every token.
+        method: ``"drop"`` or ``"gradient"``.
+    """
+
+    delta_loss: Float[Tensor, "*batch img"]
+    image_positions: Int[Tensor, "*batch img"]
+    full_loss: Float[Tensor, "*batch"]
+    method: str
+
+    @property
+    def batched(self) -> bool:
+        return self.delta_loss.ndim == 2
+
+    def to_frame(self) -> pd.DataFrame:
+        """Long format: pos (sequence position), delta_loss; ``method`` names the estimate."""
+        frame = long_frame(
+            {"delta_loss": self.delta_loss}, dims=("pos",), coords={"pos": self.image_positions}, batched=self.batched
+        )
+        frame["method"] = self.method
+        return frame
+
+
+def _order(order: Order, n: int, seed: int, row: int) -> Tensor:
+    if isinstance(order, str):
+        if order == "raster":
+            return torch.arange(n)
+        if order == "random":
+            return torch.randperm(n, generator=torch.Generator().manual_seed(seed + row))
+        raise AnalysisInputError(f"unknown order {order!r}; choose 'raster', 'random' or a permutation of 0..n-1")
+    perm = torch.as_tensor(order)
+    if perm.dtype.is_floating_point or perm.dtype == torch.bool or perm.ndim != 1:
+        raise AnalysisInputError(f"order must be 'raster', 'random' or a 1-d permutation of ints, got {perm!r}")
+    perm = perm.long().cpu()
+    if perm.numel() != n or not torch.equal(perm.sort().values, torch.arange(n)):
+        raise AnalysisInputError(
+            f"order {perm.tolist()[:12]}{'...' if perm.numel() > 12 else ''} is not a permutation of 0..{n - 1} "
+            f"(row {row} has {n} image tokens)"
+        )
+    return perm
+
+
+def _counts(counts: Optional[Sequence[int]], n_max: int) -> Tensor:
+    if counts is None:
+        return torch.arange(n_max + 1)
+    t = torch.as_tensor(counts)
+    if t.dtype.is_floating_point or t.dtype == torch.bool or t.ndim != 1 or t.numel() == 0:
+        raise AnalysisInputError(f"counts must be a non-empty 1-d list of ints, got {counts!r}")
+    t = t.long().cpu()
+    bad = t[(t < 0) | (t > n_max)]
+    if bad.numel():
+        raise AnalysisInputError(f"counts {bad.tolist()} are out of range; a row has at most {n_max} image tokens (0..{n_max})")
+    return t
+
+
+def token_count_curve(
+    model: Any,
+    inputs: Any,
+    counts: Optional[Sequence[int]] = None,
+    order: Order = "raster",
+    method: Engine = "kv",
+    seed: int = 0,
+    batch_size: int = 8,
+) -> CountCurveResult:
+    """Answer loss when only k visual tokens are kept, for each k (see :class:`CountCurveResult`).
+
+    Args:
+        model: A ``HookedVLM``.
+        inputs: From ``model.prepare(image, prompt, answer=...)``; every row needs an answer.
+        counts: The k values (default every k from 0 to the number of image tokens).
+        order: ``"raster"`` (sequence order), ``"random"`` (seeded by ``seed`` plus the
+            row index) or a permutation of ``0..n-1`` (indices into the row's image
+            tokens in sequence order), shared by every row.
+        method: ``"kv"`` computes the full sequence's key/value cache once and runs
+            only each count's suffix, batched (with the raster order the suffix is the
+            text after the image); ``"naive"`` runs one full forward per count. Both give
+            the same losses. Families whose attention is not causal within images fall
+            back to ``"naive"`` (``engine`` in the result says which ran).
+        seed: Seed of the random order.
+        batch_size: How many counts run together with ``"kv"``.
+    """
+    if method not in ENGINES:
+        raise AnalysisInputError(f"unknown method {method!r}; choose one of {list(ENGINES)}")
+    problems = row_problems(model, inputs, "token_count_curve")
+    n_max = max(p.image.numel() for p in problems)
+    ks = _counts(counts, n_max)
+    losses, fulls, orders = [], [], []
+    engine = method if model.adapter.causal_prefix else "naive"
+    for row, problem in enumerate(problems):
+        n = problem.image.numel()
+        perm = _order(order, n, seed, row)
+        ranked = problem.image.cpu()[perm]
+        keeps = torch.ones(len(ks), problem.ids.shape[0], dtype=torch.bool)
+        valid = ks <= n
+        for i, k in enumerate(ks.tolist()):
+            if k <= n:
+                keeps[i, ranked[k:]] = False
+        row_loss = torch.full((len(ks),), float("nan"))
+        row_loss[valid] = variant_losses(model, problem, keeps[valid], engine=method, batch_size=batch_size)
+        losses.append(row_loss)
+        fulls.append(torch.tensor(full_loss(model, problem)))
+        orders.append(ranked)
+    return CountCurveResult(
+        counts=ks, loss=stack_rows(losses), full_loss=stack_rows(fulls), order=stack_rows(orders), engine=engine
+    )
+
+
+def token_contributions(
+    model: Any,
+    inputs: Any,
+    method: Literal["drop", "ablate", "gradient"] = "drop",
+    engine: Engine = "kv",
+    batch_size: int = 8,
+) -> ContributionResult:
+    """The answer-loss change from removing each visual token (see :class:`ContributionResult`).
+
+    Args:
+        model: A ``HookedVLM``.
+        inputs: From ``model.prepare(image, prompt, answer=...)``; every row needs an answer.
+        method: ``"drop"`` (``"ablate"`` is the same) removes each token in turn;
+            ``"gradient"`` is the one-backward first-order estimate.
+        engine: For ``"drop"``: ``"kv"`` shares the prefix before each dropped token
+            (one full forward, then each token's suffix, batched); ``"naive"`` runs one
+            full forward per token. Same losses.
+        batch_size: How many dropped tokens run together with ``"kv"``.
+    """
+    if method not in ("drop", "ablate", "gradient"):
+        raise AnalysisInputError(f"unknown method {method!r}; choose 'drop' (alias 'ablate') or 'gradient'")
+    if engine not in ENGINES:
+        raise AnalysisInputError(f"unknown engine {engine!r}; choose one of {list(ENGINES)}")
+    problems = row_problems(model, inputs, "token_contributions")
+    deltas, fulls, positions = [], [], []
+    for problem in problems:
+        if method == "gradient":
+            delta, full = _gradient(model, problem)
+        else:
+            n = problem.image.numel()
+            keeps = torch.ones(n, problem.ids.shape[0], dtype=torch.bool)
+            keeps[torch.arange(n), problem.image.cpu()] = False
+            full = full_loss(model, problem)
+            delta = variant_losses(model, problem, keeps, engine=engine, batch_size=batch_size) - full
+        deltas.append(delta.float().cpu())
+        fulls.append(torch.tensor(float(full)))
+        positions.append(problem.image.cpu())
+    return ContributionResult(
+        delta_loss=stack_rows(deltas),
+        image_positions=stack_rows(positions),
+        full_loss=stack_rows(fulls),
+        method="gradient" if method == "gradient" else "drop",
+    )
+
+
+def _gradient(model: Any, problem: Any) -> tuple[Tensor, float]:
+    embeds = problem.embeds.detach().float().requires_grad_(True)
+    with torch.enable_grad():
+        logits, _ = model.run_language_model(embeds[None], logits_to_keep=problem.answer - 1)
+        loss = answer_loss(logits[0], problem.ids[problem.answer])
+        (grad,) = torch.autograd.grad(loss, embeds)
+    e = problem.embeds[problem.image].float()
+    delta = (grad[problem.image].float() * (0.0 - e)).sum(-1)
+    return delta.detach(), float(loss.detach())
