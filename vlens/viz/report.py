@@ -1,0 +1,473 @@
+"""The HTML report: every analysis on one image and prompt, in one self-contained file.
+
+:func:`build_report` runs the model once with a cache holding what the analyses read
+(residual stream and attention patterns), runs each analysis of ``vlens.analysis``,
+and turns results into sections: figures as base64 PNGs, CircuitsVis attention views
+with the bundle inlined once, and the tables behind every figure. :meth:`Report.write`
+saves ``report.html`` and one CSV (or Parquet) file per table.
+
+An analysis that this installation of vlens does not provide, or that fails on this
+model, becomes a visible note in its section (never a silent gap), and is listed in
+``Report.problems``.
+"""
+
+from __future__ import annotations
+
+import html
+import importlib
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal, Optional, Sequence, Union
+
+import pandas as pd
+import PIL.Image
+import torch
+
+from vlens.viz._html import data_table, esc, figure_block, figure_png, page
+from vlens.viz.attention import attention_view
+from vlens.viz.curves import attention_mass_figure, bar_figure, count_curve_figure, layer_curve, similarity_figure
+from vlens.viz.heatmap import heatmap_grid, image_heatmap, model_view_image
+from vlens.viz.lens_panel import decoder, layer_labels, lens_grid, lens_panel, pick_layers
+
+Progress = Callable[[str], None]
+DataFormat = Literal["csv", "parquet"]
+
+# Hooks the report's analyses read; asked for once, so the cache holds nothing else.
+REPORT_HOOKS = ("blocks.0.hook_resid_pre", "blocks.*.hook_resid_post", "blocks.*.attn.hook_pattern")
+
+
+@dataclass(frozen=True)
+class Section:
+    """One part of the report.
+
+    Attributes:
+        key: Anchor id and data-file prefix.
+        title: Heading.
+        body: HTML of the section's content.
+        tables: Data behind the section, by file stem.
+        problem: Why the section is incomplete (None when it is complete).
+        needs_circuitsvis: Whether ``body`` renders CircuitsVis components.
+    """
+
+    key: str
+    title: str
+    body: str
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+    problem: Optional[str] = None
+    needs_circuitsvis: bool = False
+
+
+@dataclass(frozen=True)
+class Report:
+    """A built report: the page and the tables behind it."""
+
+    title: str
+    sections: tuple[Section, ...]
+    meta: dict[str, Any]
+
+    @property
+    def problems(self) -> dict[str, str]:
+        """Section title -> why it is incomplete."""
+        return {s.title: s.problem for s in self.sections if s.problem}
+
+    @property
+    def tables(self) -> dict[str, pd.DataFrame]:
+        out: dict[str, pd.DataFrame] = {}
+        for s in self.sections:
+            out.update(s.tables)
+        return out
+
+    def to_html(self) -> str:
+        """The whole report as one HTML document (no external resource)."""
+        from vlens.viz._circuitsvis import bundle_script
+
+        head = bundle_script() if any(s.needs_circuitsvis for s in self.sections) else ""
+        toc = " ".join(f'<a href="#{esc(s.key)}">{esc(s.title)}</a>' for s in self.sections)
+        meta_rows = "".join(
+            f'<tr><th class="l">{esc(k)}</th><td class="l">{esc(v)}</td></tr>' for k, v in self.meta.items()
+        )
+        parts = [
+            f"<h1>{esc(self.title)}</h1>",
+            f'<table class="data" id="meta">{meta_rows}</table>',
+            f'<nav class="toc">{toc}</nav>',
+        ]
+        if self.problems:
+            items = "".join(f"<li>{esc(t)}: {esc(p)}</li>" for t, p in self.problems.items())
+            parts.append(f'<div class="note" id="problems"><b>Incomplete sections</b><ul>{items}</ul></div>')
+        for s in self.sections:
+            note = f'<div class="note skipped">{esc(s.problem)}</div>' if s.problem else ""
+            parts.append(f'<section id="{esc(s.key)}"><h2>{esc(s.title)}</h2>{note}{s.body}</section>')
+        parts.append(
+            '<p class="caption">Written by vlens. Tables behind every figure are in the data files next to this page.</p>'
+        )
+        return page(self.title, "\n".join(parts), head_extra=head)
+
+    def write(self, out_dir: Union[str, Path], data_format: DataFormat = "csv") -> dict[str, Path]:
+        """Write ``report.html`` and ``data/<table>.csv`` (or ``.parquet``) into ``out_dir``.
+
+        Returns:
+            Name -> written path (``"report"`` for the page).
+        """
+        if data_format not in ("csv", "parquet"):
+            from vlens.errors import AnalysisInputError
+
+            raise AnalysisInputError(f"data_format must be 'csv' or 'parquet', got {data_format!r}")
+        out = Path(out_dir)
+        (out / "data").mkdir(parents=True, exist_ok=True)
+        written = {"report": out / "report.html"}
+        written["report"].write_text(self.to_html(), encoding="utf-8")
+        for name, frame in self.tables.items():
+            path = out / "data" / f"{name}.{data_format}"
+            if data_format == "csv":
+                frame.to_csv(path, index=False)
+            else:
+                frame.to_parquet(path, index=False)
+            written[name] = path
+        return written
+
+
+@dataclass
+class _Context:
+    model: Any
+    inputs: Any
+    cache: Any
+    tokens: list[str]
+    span: Any
+    image: PIL.Image.Image
+    lens_labels: Optional[list]
+    attention_layers: Optional[Sequence[int]]
+    analysis: Any  # the vlens.analysis module, or None
+    analysis_error: Optional[str]
+
+
+def _silent(_: str) -> None:
+    return None
+
+
+def build_report(
+    model: Any,
+    inputs: Any,
+    *,
+    title: Optional[str] = None,
+    lens_labels: Optional[list] = None,
+    attention_layers: Optional[Sequence[int]] = None,
+    meta: Optional[dict[str, Any]] = None,
+    progress: Optional[Progress] = None,
+) -> Report:
+    """Run every analysis on a one-example batch and build the report.
+
+    Args:
+        model: A ``HookedVLM``.
+        inputs: ``model.prepare(image, prompt, answer=...)`` for one example with an
+            answer (the loss-based analyses score the answer).
+        title: Page title.
+        lens_labels: Expected word per image token, for the lens's match rate.
+        attention_layers: Layers of the CircuitsVis view (default: all when the model
+            has at most 4, else first, middle and last).
+        meta: Extra facts for the header (model name, prompt source, ...).
+        progress: Called with a message before each long step (the CLI prints them).
+    """
+    say = progress or _silent
+    if inputs.batch_size != 1:
+        from vlens.errors import AnalysisInputError
+
+        raise AnalysisInputError(f"the report covers one example; got a batch of {inputs.batch_size}")
+    try:
+        analysis = importlib.import_module("vlens.analysis")
+        analysis_error = None
+    except Exception as err:  # a broken or missing analysis package must not hide the rest
+        analysis, analysis_error = None, f"vlens.analysis could not be imported ({type(err).__name__}: {err})"
+    say("forward pass with cache (residual stream, attention patterns)")
+    with torch.no_grad():
+        _, cache = model.run_with_cache(inputs, names_filter=list(REPORT_HOOKS), device="cpu")
+    span = inputs.layout.images[0][0]
+    ctx = _Context(
+        model=model,
+        inputs=inputs,
+        cache=cache,
+        tokens=model.to_str_tokens(inputs),
+        span=span,
+        image=model_view_image(inputs, model.processor),
+        lens_labels=lens_labels,
+        attention_layers=attention_layers,
+        analysis=analysis,
+        analysis_error=analysis_error,
+    )
+    sections = [_input_section(ctx)]
+    steps: list[tuple[str, Callable[[_Context], Section]]] = [
+        ("logit lens", _lens_section),
+        ("modality similarity", _similarity_section),
+        ("attention to the image", _attention_section),
+        ("attention patterns (CircuitsVis)", _patterns_section),
+        ("loss vs visual-token count", _count_section),
+        ("visual-token contributions", _contribution_section),
+    ]
+    for i, (name, build) in enumerate(steps, 1):
+        say(f"[{i}/{len(steps)}] {name}")
+        started = time.perf_counter()
+        sections.append(build(ctx))
+        say(f"[{i}/{len(steps)}] {name}: done in {time.perf_counter() - started:.1f}s")
+    facts = {
+        "model": model.name,
+        "family": model.adapter.family,
+        "layers": model.n_layers,
+        "prompt": inputs.prompts[0],
+        "answer": inputs.answers[0],
+        "image tokens": f"{span.n_tokens}" + (f" on a {span.grid[0]}x{span.grid[1]} grid" if span.grid else " (no grid)"),
+    }
+    facts.update(meta or {})
+    return Report(title=title or f"vlens report: {model.name}", sections=tuple(sections), meta=facts)
+
+
+# ---- sections ------------------------------------------------------------------------
+
+
+def _missing(ctx: _Context, fn_name: str) -> Optional[str]:
+    if ctx.analysis is None:
+        return f"Skipped: {ctx.analysis_error}."
+    if not hasattr(ctx.analysis, fn_name):
+        return f"Skipped: this installation of vlens has no vlens.analysis.{fn_name}."
+    return None
+
+
+def _guarded(key: str, title: str, fn_name: Optional[str]) -> Callable:
+    """Turn a section builder into one that reports a missing analysis or a failure visibly."""
+
+    def wrap(build: Callable[[_Context], Section]) -> Callable[[_Context], Section]:
+        def run(ctx: _Context) -> Section:
+            if fn_name is not None:
+                reason = _missing(ctx, fn_name)
+                if reason:
+                    return Section(key, title, "", problem=reason)
+            try:
+                return build(ctx)
+            except Exception as err:  # one failing analysis must not lose the others
+                detail = html.escape("".join(traceback.format_exception_only(type(err), err)).strip())
+                return Section(
+                    key,
+                    title,
+                    f'<pre class="error">{detail}</pre>',
+                    problem=f"Failed: {type(err).__name__}: {err}",
+                )
+
+        return run
+
+    return wrap
+
+
+def _token_strip(ctx: _Context) -> str:
+    layout = ctx.inputs.layout
+    answer = layout.answer_mask[0].tolist()
+    image = layout.image_mask[0].tolist()
+    out, run = [], []
+
+    def flush() -> None:
+        if len(run) > 8:
+            shown = run[:3] + [None] + run[-2:]
+        else:
+            shown = run
+        for item in shown:
+            if item is None:
+                out.append(f'<span class="tok img">… {len(run) - 5} more image tokens …</span>')
+            else:
+                out.append(f'<span class="tok img">{esc(item)}</span>')
+        run.clear()
+
+    for pos, tok in enumerate(ctx.tokens):
+        if image[pos]:
+            run.append(tok)
+            continue
+        flush()
+        cls = "tok ans" if answer[pos] else "tok"
+        out.append(f'<span class="{cls}">{esc(tok)}</span>')
+    flush()
+    return f'<div class="tokens" id="token-strip">{"".join(out)}</div>'
+
+
+def _tokens_frame(ctx: _Context) -> pd.DataFrame:
+    layout = ctx.inputs.layout
+    rows = []
+    rc = {int(p): (int(r), int(c)) for p, (r, c) in zip(ctx.span.positions.tolist(), ctx.span.row_col.tolist())}
+    for pos, tok in enumerate(ctx.tokens):
+        segment = next(
+            (name for name in ("image", "prefix", "instruction", "answer", "marker") if bool(layout.mask(name)[0, pos])),
+            "other",
+        )
+        r, c = rc.get(pos, (-1, -1))
+        rows.append({"pos": pos, "token": tok, "segment": segment, "grid_row": r, "grid_col": c})
+    return pd.DataFrame(rows)
+
+
+def _input_section(ctx: _Context) -> Section:
+    buf = ctx.image
+    scale = max(1, 256 // max(1, min(buf.size)))
+    shown = buf.resize((buf.width * scale, buf.height * scale), PIL.Image.Resampling.NEAREST) if scale > 1 else buf
+    import io
+
+    png = io.BytesIO()
+    shown.save(png, format="PNG")
+    body = figure_block(png.getvalue(), "The image as the model saw it (after the processor's resize and crop).", fig_id="fig-input")
+    body += "<h3>Tokens</h3>" + _token_strip(ctx)
+    body += '<p class="caption">Image tokens read <code>&lt;img r,c&gt;</code> (row, column on the patch grid) or <code>&lt;q k&gt;</code> (Q-Former query k); the answer is green.</p>'
+    return Section("input", "Input", body, tables={"tokens": _tokens_frame(ctx)})
+
+
+def _span_slice(values: torch.Tensor, value_positions: torch.Tensor, span: Any) -> torch.Tensor:
+    """Values of the span's tokens, picked by sequence position."""
+    index = {int(p): i for i, p in enumerate(torch.as_tensor(value_positions).flatten().tolist())}
+    missing = [p for p in span.positions.tolist() if p not in index]
+    if missing:
+        raise ValueError(f"the result has no value for image positions {missing[:5]}...")
+    return values[..., [index[p] for p in span.positions.tolist()]]
+
+
+@_guarded("lens", "Logit lens on visual tokens", "logit_lens")
+def _lens_section(ctx: _Context) -> Section:
+    va, model = ctx.analysis, ctx.model
+    result = va.logit_lens(model, ctx.cache, positions="image", k=5, labels=ctx.lens_labels)
+    decode = decoder(model.tokenizer)
+    body = figure_block(
+        figure_png(lens_panel(result, ctx.inputs.layout, model.tokenizer)),
+        "Per layer, the top-1 word the logit lens reads from each visual token, laid out on the image grid.",
+        fig_id="fig-lens",
+    )
+    frame = result.to_frame()
+    ids = frame["token_id"].astype(int)
+    words = {int(t): decode(int(t)) for t in ids.unique()}
+    frame["token"] = ids.map(words)
+    tables = {"lens": frame}
+    layers = [int(l) for l in result.layers.tolist()]
+    if getattr(result, "match_rate", None) is not None and torch.isfinite(result.match_rate).any():
+        body += figure_block(
+            figure_png(layer_curve({"match rate": result.match_rate}, ylabel=f"label in top-{result.k}", ylim=(0, 1.02),
+                                   title="Logit-lens match rate of visual tokens")),
+            "Share of labelled visual tokens whose expected word is among the lens's top-k, per layer.",
+            fig_id="fig-lens-match",
+        )
+        tables["lens_match_rate"] = pd.DataFrame({"layer": layers, "match_rate": result.match_rate.tolist()})
+    # Which words dominate, per layer: the most frequent top-1 words over the image tokens.
+    _, word_grid, prob_grid, _, _ = lens_grid(result, ctx.inputs.layout, model.tokenizer)
+    summary = []
+    for i, layer in enumerate(layers):
+        cells = [w for w in word_grid[i].ravel() if w]
+        counts = pd.Series(cells).value_counts().head(3)
+        summary.append({
+            "layer": layer_labels(len(layers), [layer])[0],
+            "top-1 words (count)": ", ".join(f"{w} ({n})" for w, n in counts.items()),
+            "mean top-1 prob": float(pd.Series(prob_grid[i].ravel()).mean()),
+        })
+    body += "<h3>Most frequent top-1 words</h3>" + data_table(pd.DataFrame(summary))
+    return Section("lens", "Logit lens on visual tokens", body, tables=tables)
+
+
+@_guarded("similarity", "Visual vs text similarity per layer", "modality_similarity")
+def _similarity_section(ctx: _Context) -> Section:
+    va = ctx.analysis
+    result = va.modality_similarity(ctx.model, ctx.cache, against="text_states")
+    body = figure_block(
+        figure_png(similarity_figure(result)),
+        "Mean cosine similarity of visual-token states to the instruction's text states, per layer (emb = input embeddings).",
+        fig_id="fig-similarity",
+    )
+    per_token = _span_slice(result.per_token, result.image_positions, ctx.span)
+    chosen = pick_layers(per_token.shape[0], 6)
+    panels = [(layer_labels(per_token.shape[0], [l])[0], per_token[l]) for l in chosen]
+    body += figure_block(
+        figure_png(heatmap_grid(panels, ctx.span, ctx.image, label="cosine to text", cmap="coolwarm")),
+        "Per visual token: its similarity to the text, on the image.",
+        fig_id="fig-similarity-map",
+    )
+    return Section("similarity", "Visual vs text similarity per layer", body,
+                   tables={"similarity": result.to_frame(), "similarity_curve": result.curve_frame()})
+
+
+@_guarded("attention", "Attention from text to the image", "attention_to_image")
+def _attention_section(ctx: _Context) -> Section:
+    va = ctx.analysis
+    result = va.attention_to_image(ctx.cache, query="instruction")
+    body = figure_block(
+        figure_png(attention_mass_figure(result)),
+        "Share of the instruction tokens' attention that lands on image tokens, per block and head.",
+        fig_id="fig-attention-mass",
+    )
+    received = _span_slice(result.received, result.image_positions, ctx.span)
+    chosen = pick_layers(received.shape[0], 6)
+    panels = [(f"block {l}", received[l]) for l in chosen]
+    body += figure_block(
+        figure_png(heatmap_grid(panels, ctx.span, ctx.image, label="attention received", shared_range=False)),
+        "Attention each image token receives from the instruction (mean over heads and queries), per block.",
+        fig_id="fig-attention-received",
+    )
+    tables = {"attention_mass": result.to_frame()}
+    if hasattr(result, "received_frame"):
+        tables["attention_received"] = result.received_frame()
+    return Section("attention", "Attention from text to the image", body, tables=tables)
+
+
+@_guarded("patterns", "Attention patterns", None)
+def _patterns_section(ctx: _Context) -> Section:
+    n = ctx.model.n_layers
+    layers = list(ctx.attention_layers) if ctx.attention_layers else (list(range(n)) if n <= 4 else sorted({0, n // 2, n - 1}))
+    view = attention_view(ctx.cache, ctx.tokens, layers=layers, id_prefix="vlens-attn")
+    intro = (
+        '<p class="caption">CircuitsVis attention heads (hover a thumbnail to zoom, click to lock). '
+        "Queries and keys are the same window of tokens; for long inputs the window is the text plus "
+        "the image tokens the text attends to most. Below each: tokens coloured by the last token's attention.</p>"
+    )
+    return Section("patterns", "Attention patterns", intro + view.fragment, needs_circuitsvis=True)
+
+
+@_guarded("count", "Loss vs number of visual tokens", "token_count_curve")
+def _count_section(ctx: _Context) -> Section:
+    va = ctx.analysis
+    result = va.token_count_curve(ctx.model, ctx.inputs)
+    body = figure_block(
+        figure_png(count_curve_figure(result)),
+        "Loss on the answer when only the first n visual tokens are kept (the rest removed).",
+        fig_id="fig-count-curve",
+    )
+    frame = result.to_frame()
+    body += data_table(frame, max_rows=20)
+    return Section("count", "Loss vs number of visual tokens", body, tables={"count_curve": frame})
+
+
+@_guarded("contributions", "Contribution of each visual token", "token_contributions")
+def _contribution_section(ctx: _Context) -> Section:
+    va = ctx.analysis
+    result = va.token_contributions(ctx.model, ctx.inputs)
+    delta = torch.as_tensor(result.delta_loss).float()
+    positions = getattr(result, "image_positions", None)
+    values = _span_slice(delta, positions, ctx.span) if positions is not None else delta[: ctx.span.n_tokens]
+    finite = values[torch.isfinite(values)]
+    bound = float(finite.abs().max()) if finite.numel() else 1.0
+    body = figure_block(
+        figure_png(image_heatmap(values, ctx.span, ctx.image, title="loss without the token - full loss",
+                                 label="delta loss (nats)", cmap="RdBu_r", vmin=-bound, vmax=bound)),
+        "Red: removing the token raises the answer's loss (the token helps); blue: it lowers it.",
+        fig_id="fig-contributions",
+    )
+    if ctx.span.grid is None:
+        body += figure_block(
+            figure_png(bar_figure(list(ctx.span.labels), values, ylabel="delta loss (nats)", title="per query token")),
+            "Per Q-Former query token.",
+            fig_id="fig-contributions-bar",
+        )
+    return Section("contributions", "Contribution of each visual token", body, tables={"contributions": result.to_frame()})
+
+
+def report_inputs(model: Any, image: Any, prompt: str, answer: Optional[str] = None, max_new_tokens: int = 20) -> tuple[Any, dict[str, Any]]:
+    """Inputs for :func:`build_report`: with the given answer, else the model's own greedy one.
+
+    Returns:
+        ``(inputs, meta)``; ``meta["answer source"]`` says where the answer came from.
+    """
+    if answer is None:
+        generated = model.generate(model.prepare(image, prompt), max_new_tokens=max_new_tokens).text[0]
+        if not generated.strip():
+            from vlens.errors import PromptError
+
+            raise PromptError("the model generated an empty answer; pass one with --answer")
+        return model.prepare(image, prompt, answer=generated), {"answer source": "generated by the model (greedy)"}
+    return model.prepare(image, prompt, answer=answer), {"answer source": "given"}
