@@ -10,12 +10,13 @@ from typing import Any
 
 from vlens.adapters.base import VisionPrefixAdapter
 from vlens.adapters.blip import Blip2Adapter, InstructBlipAdapter
+from vlens.adapters.gemma3 import Gemma3Adapter
 from vlens.adapters.idefics3 import Idefics3Adapter
 from vlens.adapters.llava import LlavaAdapter
 from vlens.adapters.llava_next import LlavaNextAdapter
 from vlens.errors import UnsupportedArchitectureError
 
-ADAPTERS: tuple[type[VisionPrefixAdapter], ...] = (LlavaAdapter, LlavaNextAdapter, Idefics3Adapter, Blip2Adapter, InstructBlipAdapter)
+ADAPTERS: tuple[type[VisionPrefixAdapter], ...] = (LlavaAdapter, LlavaNextAdapter, Idefics3Adapter, Gemma3Adapter, Blip2Adapter, InstructBlipAdapter)
 
 
 def supported_architectures() -> dict[str, type[VisionPrefixAdapter]]:

@@ -1,0 +1,114 @@
+"""Gemma3 (``Gemma3ForConditionalGeneration``): pooled SigLIP tokens between markers.
+
+The prompt holds ``<start_of_image>`` per image; the processor expands it into
+``<start_of_image> <image_soft_token>*N <end_of_image>`` (with blank lines around). The
+SigLIP tower sees the image resized to a square of ``image_size`` pixels, and the
+projector average-pools its ``p x p`` patch grid (``p = image_size // patch_size``) down
+to ``s x s`` tokens (``s = sqrt(mm_tokens_per_image)``), flattened in raster order.
+
+The processor also returns ``token_type_ids`` (1 at soft tokens): Hugging Face's forward
+uses them to let the tokens of one image attend to each other bidirectionally. Without
+them the model is causal everywhere and its logits change, so vlens always passes them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from transformers import BatchFeature
+
+from vlens.adapters.base import VisionPrefixAdapter, expect
+from vlens.errors import PromptError, UnsupportedArchitectureError
+from vlens.layout import ImageSpan, contiguous_runs, grid_span
+
+
+class Gemma3Adapter(VisionPrefixAdapter):
+    family = "gemma3"
+    hf_architectures = ("Gemma3ForConditionalGeneration",)
+    tl_architecture = "Gemma3ForConditionalGeneration"
+    model_input_names = ("token_type_ids",)
+    nested_images = True
+
+    @classmethod
+    def check_config(cls, config: Any) -> None:
+        if getattr(config, "model_type", None) != "gemma3" or getattr(config, "vision_config", None) is None:
+            raise UnsupportedArchitectureError(
+                f"gemma3: config has model_type {getattr(config, 'model_type', None)!r} and no vision_config; this "
+                "is a text-only Gemma3, which has no image input. vlens handles Gemma3ForConditionalGeneration "
+                "checkpoints (model_type 'gemma3' with a vision_config)"
+            )
+        super().check_config(config)
+        expect(config.vision_config, "model_type", ("siglip_vision_model",), cls.family)
+        expect(config.text_config, "model_type", ("gemma3_text",), cls.family)
+        expect(config.text_config, "use_bidirectional_attention", (False, None), cls.family)
+        softcap = getattr(config.text_config, "attn_logit_softcapping", None)
+        if softcap is not None:
+            # HF's Gemma3Attention stores attn_logit_softcapping but never applies it;
+            # TransformerLens 4.3's PositionEmbeddingsAttentionBridge does (measured: logits
+            # differ by ~0.1), so the bridge would not compute what HF computes.
+            raise UnsupportedArchitectureError(
+                f"gemma3: config.text_config.attn_logit_softcapping = {softcap!r} is not supported: Hugging Face's "
+                "Gemma3 ignores it while TransformerLens's attention bridge applies it, so their outputs differ; "
+                "vlens handles None (every released Gemma3 checkpoint)"
+            )
+        tokens = config.mm_tokens_per_image
+        side = math.isqrt(tokens) if isinstance(tokens, int) and tokens > 0 else 0
+        patches = config.vision_config.image_size // config.vision_config.patch_size
+        if side * side != tokens or patches % side:
+            raise UnsupportedArchitectureError(
+                f"gemma3: config.mm_tokens_per_image = {tokens!r} must be a square s*s whose side divides the "
+                f"tower's {patches}x{patches} patch grid (the projector average-pools it to s x s)"
+            )
+
+    @property
+    def grid_side(self) -> int:
+        """Side of the pooled token grid of one image."""
+        return math.isqrt(self.config.mm_tokens_per_image)
+
+    def prompt_placeholder(self) -> str:
+        return self.processor.boi_token
+
+    def marker_ids(self) -> frozenset[int]:
+        return frozenset({int(self.config.boi_token_id), int(self.config.eoi_token_id)})
+
+    def model_extras(self, batch: BatchFeature) -> dict[str, torch.Tensor]:
+        if "token_type_ids" in batch:
+            return {"token_type_ids": batch["token_type_ids"]}
+        if batch.get("pixel_values") is not None:
+            raise UnsupportedArchitectureError(
+                "gemma3: the processor returned no token_type_ids for a prompt with images; Gemma3 needs them "
+                "(they make an image's tokens attend to each other), so vlens will not run without them"
+            )
+        return {"token_type_ids": torch.zeros_like(batch["input_ids"])}
+
+    def image_spans(self, batch: BatchFeature, row: int, positions: torch.Tensor) -> list[ImageSpan]:
+        s = self.grid_side
+        ids = batch["input_ids"][row]
+        runs = contiguous_runs(positions)
+        boi, eoi = int(self.config.boi_token_id), int(self.config.eoi_token_id)
+        for i, run in enumerate(runs):
+            first, last = int(run[0]), int(run[-1])
+            if first == 0 or int(ids[first - 1]) != boi or last + 1 >= ids.shape[0] or int(ids[last + 1]) != eoi:
+                raise PromptError(
+                    f"row {row}, image {i}: its soft tokens at {first}..{last} are not wrapped in "
+                    f"<start_of_image> ... <end_of_image>"
+                )
+        n_images = self._images_in_batch(batch)
+        if n_images is not None and n_images != self._runs_in_batch(batch):
+            raise PromptError(
+                f"the batch has {self._runs_in_batch(batch)} image token runs but {n_images} images in pixel_values "
+                "(pan-and-scan crops are not supported: vlens expects one run per image)"
+            )
+        return [grid_span(i, run, s, s) for i, run in enumerate(runs)]
+
+    @staticmethod
+    def _images_in_batch(batch: BatchFeature) -> int | None:
+        pixel_values = batch.get("pixel_values")
+        return None if pixel_values is None else int(pixel_values.shape[0])
+
+    def _runs_in_batch(self, batch: BatchFeature) -> int:
+        real = batch["attention_mask"].bool()
+        mask = (batch["input_ids"] == self.image_token_id) & real
+        return sum(len(contiguous_runs(mask[b].nonzero().flatten())) for b in range(mask.shape[0]))
