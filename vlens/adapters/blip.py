@@ -89,8 +89,8 @@ class Blip2Adapter(VisionPrefixAdapter):
             config, "use_decoder_only_language_model", True
         ):
             raise UnsupportedArchitectureError(
-                f"{cls.family}: the language model is an encoder-decoder ({text_type!r}, e.g. Flan-T5); vlens supports "
-                f"only decoder-only towers {list(cls.language_towers)}, whose visual tokens are a prefix of the input"
+                f"{cls.family}: encoder-decoder language models ({text_type!r}, e.g. Flan-T5) are not supported; vlens "
+                f"supports decoder-only towers {list(cls.language_towers)}, whose visual tokens prefix the input"
             )
         if text_type not in cls.language_towers:
             raise UnsupportedArchitectureError(
