@@ -393,6 +393,7 @@ class HookedVLM:
         past_key_values: Any = None,
         use_cache: bool = False,
         logits_to_keep: Optional[Int[Tensor, "keep"]] = None,
+        extras: Optional[dict[str, Tensor]] = None,
     ) -> tuple[Float[Tensor, "batch keep d_vocab"], Any]:
         """Run the language model alone on given input embeddings (hooks fire as usual).
 
@@ -405,6 +406,8 @@ class HookedVLM:
             past_key_values: A Hugging Face cache of earlier positions.
             use_cache: Return the updated cache.
             logits_to_keep: Indices of the positions whose logits to compute (default all).
+            extras: The family's per-token inputs (``adapter.per_token_inputs``, e.g.
+                Gemma3's ``token_type_ids``) for these positions.
 
         Returns:
             The logits and the key/value cache (None unless ``use_cache``).
@@ -417,6 +420,7 @@ class HookedVLM:
             past_key_values,
             use_cache,
             logits_to_keep,
+            extras,
         )
 
     # ---- generation -----------------------------------------------------------------

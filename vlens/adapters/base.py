@@ -229,6 +229,11 @@ class VisionPrefixAdapter(ABC):
     A family whose language model attends bidirectionally within images (Gemma3 with
     ``token_type_ids``) sets it False, and such analyses fall back to full forwards."""
 
+    per_token_inputs: ClassVar[tuple[str, ...]] = ()
+    """Extras (``VLMInputs.extras``) the language model reads, one value per token, e.g.
+    Gemma3's ``token_type_ids``: analyses that remove tokens keep the matching entries
+    and pass them to :meth:`run_language_model`."""
+
     def language_model(self, hf_model: torch.nn.Module) -> torch.nn.Module:
         """The module that receives the merged input embeddings as ``inputs_embeds``."""
         return hf_model.get_decoder()
@@ -242,12 +247,15 @@ class VisionPrefixAdapter(ABC):
         past_key_values: Any,
         use_cache: bool,
         logits_to_keep: Optional[torch.Tensor],
+        extras: Optional[dict[str, torch.Tensor]] = None,
     ) -> tuple[torch.Tensor, Any]:
         """Logits (and the new key/value cache) of the language model run on embeddings.
 
-        The default calls the whole model with ``inputs_embeds`` and no image tensors,
-        which every HF vision-prefix class of the LLaVA kind accepts; a family whose
-        forward requires pixel values (BLIP-2) overrides this.
+        When the module of :meth:`language_model` has its own output head (BLIP-2's
+        ``OPTForCausalLM``), it runs alone; otherwise the whole model runs with
+        ``inputs_embeds`` and no image tensors, as every LLaVA-style class accepts, so
+        whatever it does after the decoder (final norm, head, soft-capping) is kept.
+        ``extras`` are :attr:`per_token_inputs`, passed through by name.
         """
         kwargs: dict[str, Any] = {
             "inputs_embeds": inputs_embeds,
@@ -255,10 +263,13 @@ class VisionPrefixAdapter(ABC):
             "position_ids": position_ids,
             "past_key_values": past_key_values,
             "use_cache": use_cache,
+            **(extras or {}),
         }
         if logits_to_keep is not None:
             kwargs["logits_to_keep"] = logits_to_keep
-        out = hf_model(**kwargs)
+        language_model = self.language_model(hf_model)
+        head = getattr(language_model, "get_output_embeddings", lambda: None)()
+        out = (language_model if head is not None else hf_model)(**kwargs)
         return out.logits, getattr(out, "past_key_values", None)
 
     def describe(self) -> dict[str, Any]:

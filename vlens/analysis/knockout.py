@@ -42,12 +42,14 @@ class RowProblem:
         ids: Its token ids.
         answer: Positions t of the answer tokens (each predicted from t - 1).
         image: Positions of its image tokens, ascending.
+        extras: The family's per-token inputs (``adapter.per_token_inputs``), ``[pos]`` each.
     """
 
     embeds: Float[Tensor, "pos d_model"]
     ids: Int[Tensor, "pos"]
     answer: Int[Tensor, "n_answer"]
     image: Int[Tensor, "img"]
+    extras: dict[str, Tensor]
 
 
 def row_problems(model: Any, inputs: Any, analysis: str) -> list[RowProblem]:
@@ -75,6 +77,10 @@ def row_problems(model: Any, inputs: Any, analysis: str) -> list[RowProblem]:
                 ids=inputs.input_ids[row, :length].to(embeds.device),
                 answer=answer.to(embeds.device),
                 image=image.to(embeds.device),
+                extras={
+                    name: inputs.extras[name][row, :length].to(embeds.device)
+                    for name in model.adapter.per_token_inputs
+                },
             )
         )
     return problems
@@ -87,7 +93,9 @@ def answer_loss(logits: Float[Tensor, "n vocab"], targets: Int[Tensor, "n"]) -> 
 
 def full_loss(model: Any, problem: RowProblem) -> float:
     with torch.no_grad():
-        logits, _ = model.run_language_model(problem.embeds[None], logits_to_keep=problem.answer - 1)
+        logits, _ = model.run_language_model(
+            problem.embeds[None], logits_to_keep=problem.answer - 1, extras=kept_extras(problem, None)
+        )
     return float(answer_loss(logits[0], problem.ids[problem.answer]))
 
 
@@ -125,6 +133,7 @@ def _naive_loss(model: Any, problem: RowProblem, keep: Tensor) -> Tensor:
         embeds,
         attention_mask=torch.ones(1, n, dtype=torch.long, device=embeds.device),
         position_ids=torch.arange(n, device=embeds.device)[None],
+        extras=kept_extras(problem, keep),
     )
     return answer_loss(logits[0, new_index[problem.answer] - 1], problem.ids[problem.answer])
 
@@ -143,6 +152,7 @@ def _kv_losses(model: Any, problem: RowProblem, keeps: Tensor, batch_size: int) 
         attention_mask=torch.ones(1, length, dtype=torch.long, device=device),
         use_cache=True,
         logits_to_keep=problem.answer - 1,
+        extras=kept_extras(problem, None),
     )
     full = answer_loss(logits[0], targets)
     kv = [(layer.keys, layer.values) for layer in cache.layers]
@@ -171,6 +181,7 @@ def _suffix_losses(
     position_ids = torch.zeros(batch, s_max, dtype=torch.long, device=device)
     # Where each answer target is predicted from, as an index into the suffix.
     pred = torch.empty(batch, len(problem.answer), dtype=torch.long, device=device)
+    extras = {name: value.new_zeros(batch, s_max) for name, value in problem.extras.items()}
     for i, (suffix, c) in enumerate(zip(suffixes, starts.tolist())):
         n = len(suffix)
         # Right padding: padded queries come after every real one, so no real query sees
@@ -179,6 +190,8 @@ def _suffix_losses(
         mask[i, :c] = 1
         mask[i, c_max : c_max + n] = 1
         position_ids[i] = c + torch.arange(s_max, device=device)
+        for name, value in problem.extras.items():
+            extras[name][i, :n] = value[suffix]
         index_in_suffix = torch.searchsorted(suffix, problem.answer)  # answer tokens are all kept
         pred[i] = index_in_suffix - 1
     if bool((pred < 0).any()):
@@ -194,9 +207,17 @@ def _suffix_losses(
         past_key_values=past,
         use_cache=past is not None,
         logits_to_keep=keep_idx,
+        extras=extras or None,
     )
     picked = logits.gather(1, inverse.view(batch, -1, 1).expand(-1, -1, logits.shape[-1]))
     ce = torch.nn.functional.cross_entropy(
         picked.float().flatten(0, 1), targets.repeat(batch), reduction="none"
     ).view(batch, -1)
     return ce.mean(1)
+
+
+def kept_extras(problem: RowProblem, keep: Tensor | None) -> dict[str, Tensor] | None:
+    """The per-token inputs of the kept positions, as a batch of one."""
+    if not problem.extras:
+        return None
+    return {name: (value if keep is None else value[keep])[None] for name, value in problem.extras.items()}

@@ -17,7 +17,15 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from vlens.analysis._common import long_frame, stack_rows, typechecked
-from vlens.analysis.knockout import ENGINES, Engine, answer_loss, full_loss, row_problems, variant_losses
+from vlens.analysis.knockout import (
+    ENGINES,
+    Engine,
+    answer_loss,
+    full_loss,
+    kept_extras,
+    row_problems,
+    variant_losses,
+)
 from vlens.errors import AnalysisInputError
 
 Order = Union[Literal["raster", "random"], Sequence[int], Tensor]
@@ -235,7 +243,9 @@ def token_contributions(
 def _gradient(model: Any, problem: Any) -> tuple[Tensor, float]:
     embeds = problem.embeds.detach().float().requires_grad_(True)
     with torch.enable_grad():
-        logits, _ = model.run_language_model(embeds[None], logits_to_keep=problem.answer - 1)
+        logits, _ = model.run_language_model(
+            embeds[None], logits_to_keep=problem.answer - 1, extras=kept_extras(problem, None)
+        )
         loss = answer_loss(logits[0], problem.ids[problem.answer])
         (grad,) = torch.autograd.grad(loss, embeds)
     e = problem.embeds[problem.image].float()
