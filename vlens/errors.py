@@ -56,3 +56,25 @@ def closest(name: str, candidates: Iterable[str], n: int = 5) -> list[str]:
         tail = name.rsplit(".", 1)[-1]
         found = [c for c in pool if c.endswith(tail)][:n]
     return found
+
+
+class DatasetError(VLensError, ValueError):
+    """A data set file or one of its records cannot be used.
+
+    Attributes:
+        record: Id (or line number) of the offending record, None for a whole-file problem.
+        reason: What is wrong with it.
+    """
+
+    def __init__(self, message: str, record: object = None, reason: str = "") -> None:
+        super().__init__(message)
+        self.record = record
+        self.reason = reason or message
+
+
+class SweepConfigError(VLensError, ValueError):
+    """A sweep's output folder was made by a different configuration, or its settings are invalid."""
+
+
+class MemoryBudgetError(VLensError, MemoryError):
+    """A run is estimated to need more memory than its budget."""
