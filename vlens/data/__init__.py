@@ -33,3 +33,23 @@ __all__ = [
     "generate_scene",
     "make_scenes",
 ]
+
+from vlens.data.loaders import (  # noqa: E402  (issue #7: data-set loaders)
+    Example,
+    ExampleSet,
+    Skipped,
+    load_coco_captions,
+    load_hf_dataset,
+    load_jsonl,
+    load_scenes,
+)
+
+__all__ += [
+    "Example",
+    "ExampleSet",
+    "Skipped",
+    "load_coco_captions",
+    "load_hf_dataset",
+    "load_jsonl",
+    "load_scenes",
+]
