@@ -419,10 +419,19 @@ def _patterns_section(ctx: _Context) -> Section:
     return Section("patterns", "Attention patterns", intro + view.fragment, needs_circuitsvis=True)
 
 
+def count_grid(n: int, full_below: int = 64) -> Optional[list[int]]:
+    """Counts for the loss curve: every count for small images, else ~25 spread over 0..n."""
+    if n <= full_below:
+        return None
+    powers = {2**i for i in range(n.bit_length()) if 2**i <= n}
+    linear = {round(i * n / 16) for i in range(17)}
+    return sorted({0, n} | powers | linear)
+
+
 @_guarded("count", "Loss vs number of visual tokens", "token_count_curve")
 def _count_section(ctx: _Context) -> Section:
     va = ctx.analysis
-    result = va.token_count_curve(ctx.model, ctx.inputs)
+    result = va.token_count_curve(ctx.model, ctx.inputs, counts=count_grid(ctx.span.n_tokens))
     body = figure_block(
         figure_png(count_curve_figure(result)),
         "Loss on the answer when only the first n visual tokens are kept (the rest removed).",
