@@ -153,8 +153,9 @@ class LlavaNextAdapter(VisionPrefixAdapter):
         while start < positions.shape[0]:
             if index >= sizes.shape[0]:
                 raise PromptError(
-                    f"row {row}: {positions.shape[0] - start} image placeholder tokens are left over after "
-                    f"{len(spans)} image(s); the processor's image_sizes hold only {sizes.shape[0]} images"
+                    f"row {row}: the prompt has {positions.shape[0]} image placeholder tokens, but the anyres "
+                    f"layout of its image(s) needs {start} ({[s.n_tokens for s in spans]} per image); the "
+                    "processor and the model config disagree on how many tokens an image becomes"
                 )
             canvas = self.canvas(sizes[index])
             run = positions[start : start + canvas.n_tokens]
