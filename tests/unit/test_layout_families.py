@@ -167,7 +167,8 @@ def test_idefics3_two_images_in_one_row(idefics3_adapter, photo, wide):
         # Crops come first in the sequence, the global image (tile 0) last.
         assert span.tile[0] == 1 and span.tile[-1] == 0
     ids = inputs.input_ids[0]
-    assert torch.equal(torch.cat([s.positions for s in row0]), (ids == idefics3_adapter.image_token_id).nonzero().flatten())
+    expected = (ids == idefics3_adapter.image_token_id).nonzero().flatten()
+    assert torch.equal(torch.cat([s.positions for s in row0]), expected)
     # The second image's tags restart at <row_1_col_1>.
     tok = idefics3_adapter.tokenizer.convert_ids_to_tokens
     assert tok(int(ids[row0[1].positions[0] - 1])) == "<row_1_col_1>"

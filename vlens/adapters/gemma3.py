@@ -40,9 +40,13 @@ class Gemma3Adapter(VisionPrefixAdapter):
                 "checkpoints (model_type 'gemma3' with a vision_config)"
             )
         super().check_config(config)
-        expect(config.vision_config, "model_type", ("siglip_vision_model",), cls.family)
-        expect(config.text_config, "model_type", ("gemma3_text",), cls.family)
-        expect(config.text_config, "use_bidirectional_attention", (False, None), cls.family)
+        expect(
+            config.vision_config, "model_type", ("siglip_vision_model",), cls.family, where="config.vision_config",
+        )
+        expect(config.text_config, "model_type", ("gemma3_text",), cls.family, where="config.text_config")
+        expect(
+            config.text_config, "use_bidirectional_attention", (False, None), cls.family, where="config.text_config",
+        )
         softcap = getattr(config.text_config, "attn_logit_softcapping", None)
         if softcap is not None:
             # HF's Gemma3Attention stores attn_logit_softcapping but never applies it;

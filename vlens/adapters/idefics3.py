@@ -48,8 +48,8 @@ class Idefics3Adapter(VisionPrefixAdapter):
     @classmethod
     def check_config(cls, config: Any) -> None:
         super().check_config(config)
-        expect(config.vision_config, "model_type", ("idefics3_vision",), cls.family)
-        expect(config.text_config, "model_type", LLAMA_TEXT_MODELS, cls.family)
+        expect(config.vision_config, "model_type", ("idefics3_vision",), cls.family, where="config.vision_config")
+        expect(config.text_config, "model_type", LLAMA_TEXT_MODELS, cls.family, where="config.text_config")
         vision = config.vision_config
         size, patch, scale = vision.image_size, vision.patch_size, config.scale_factor
         if not all(isinstance(v, int) for v in (size, patch, scale)):

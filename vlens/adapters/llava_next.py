@@ -121,9 +121,10 @@ class LlavaNextAdapter(VisionPrefixAdapter):
     def check_config(cls, config: Any) -> None:
         super().check_config(config)
         expect(config, "vision_feature_select_strategy", ("default", "full"), cls.family)
-        expect(config.vision_config, "model_type", ("clip_vision_model", "siglip_vision_model"), cls.family)
+        towers = ("clip_vision_model", "siglip_vision_model")
+        expect(config.vision_config, "model_type", towers, cls.family, where="config.vision_config")
         # TransformerLens's LLaVA-NeXT bridge is its LLaVA bridge: a Llama-style text tower.
-        expect(config.text_config, "model_type", LLAMA_STYLE_TEXT_MODELS, cls.family)
+        expect(config.text_config, "model_type", LLAMA_STYLE_TEXT_MODELS, cls.family, where="config.text_config")
         has_cls = config.vision_config.model_type == "clip_vision_model"
         if has_cls != (config.vision_feature_select_strategy == "default"):
             raise UnsupportedArchitectureError(
@@ -137,7 +138,7 @@ class LlavaNextAdapter(VisionPrefixAdapter):
         if not (
             isinstance(pinpoints, (list, tuple))
             and pinpoints
-            and all(isinstance(p, (list, tuple)) and len(p) == 2 and p[0] % size == 0 and p[1] % size == 0 for p in pinpoints)
+            and all(isinstance(p, (list, tuple)) and len(p) == 2 and not p[0] % size and not p[1] % size for p in pinpoints)
         ):
             raise UnsupportedArchitectureError(
                 f"llava_next: config.image_grid_pinpoints = {pinpoints!r} is not supported; vlens handles a "
