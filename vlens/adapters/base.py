@@ -251,8 +251,8 @@ class VisionPrefixAdapter(ABC):
     ) -> tuple[torch.Tensor, Any]:
         """Logits (and the new key/value cache) of the language model run on embeddings.
 
-        When the module of :meth:`language_model` has its own output head (BLIP-2's
-        ``OPTForCausalLM``), it runs alone; otherwise the whole model runs with
+        When a submodule holding :meth:`language_model` has its own output head (BLIP-2's
+        ``OPTForCausalLM``, InstructBLIP's ``LlamaForCausalLM``), it runs alone; otherwise the whole model runs with
         ``inputs_embeds`` and no image tensors, as every LLaVA-style class accepts, so
         whatever it does after the decoder (final norm, head, soft-capping) is kept.
         ``extras`` are :attr:`per_token_inputs`, passed through by name.
@@ -267,10 +267,23 @@ class VisionPrefixAdapter(ABC):
         }
         if logits_to_keep is not None:
             kwargs["logits_to_keep"] = logits_to_keep
-        language_model = self.language_model(hf_model)
-        head = getattr(language_model, "get_output_embeddings", lambda: None)()
-        out = (language_model if head is not None else hf_model)(**kwargs)
+        out = self._causal_lm(hf_model)(**kwargs)
         return out.logits, getattr(out, "past_key_values", None)
+
+    def _causal_lm(self, hf_model: torch.nn.Module) -> torch.nn.Module:
+        """The outermost submodule holding the decoder that has its own output head
+        (BLIP-2's ``OPTForCausalLM``), or the whole model when none has."""
+        decoder = self.language_model(hf_model)
+        module = hf_model
+        while module is not decoder:
+            child = next((c for c in module.children() if any(m is decoder for m in c.modules())), None)
+            if child is None:
+                break
+            head = child.get_output_embeddings() if hasattr(child, "get_output_embeddings") else None
+            if head is not None:
+                return child
+            module = child
+        return hf_model
 
     def describe(self) -> dict[str, Any]:
         """A short summary for ``vlens info``."""
