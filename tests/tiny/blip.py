@@ -33,7 +33,7 @@ from transformers import (
 from tests.tiny import WORDS
 
 # BLIP-2's prompt template ("Question: ... Answer:") and MiniGPT-4's ("###Human: <Img>...").
-PROMPT_WORDS = ("Question:", "Answer:", "###Human:", "<Img>", "</Img>", "###Assistant:", "###")
+PROMPT_WORDS = ("Question:", "Answer:", "###", "Human:", "Assistant:", "<Img>", "</Img>")
 
 IMAGE_SIZE = 28
 PATCH = 7
@@ -50,7 +50,10 @@ def blip_tokenizer(extra_words: Iterable[str] = (), bos: bool = True) -> PreTrai
         if word.isalpha() and word.lower() != word:
             vocab.setdefault(word.lower(), len(vocab))
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    # Split on spaces and around "###" (MiniGPT-4 writes "...?###Assistant:").
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split("###", behavior="isolated")]
+    )
     if bos:
         tok.post_processor = processors.TemplateProcessing(
             single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)]

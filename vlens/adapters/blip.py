@@ -81,6 +81,13 @@ class Blip2Adapter(VisionPrefixAdapter):
         "language": _LANGUAGE_STAGE,
     }
 
+    def __init__(self, config: Any, processor: Any) -> None:
+        super().__init__(config, processor)
+        if getattr(processor, "chat_template", None) is None and getattr(self.tokenizer, "chat_template", None):
+            # Blip2Processor.__init__ drops the chat_template that from_pretrained reads from
+            # the folder; the tokenizer loads the same file, so take it from there.
+            processor.chat_template = self.tokenizer.chat_template
+
     @classmethod
     def check_config(cls, config: Any) -> None:
         super().check_config(config)
@@ -150,7 +157,9 @@ class Blip2Adapter(VisionPrefixAdapter):
         runs = contiguous_runs(positions)
         if len(runs) != 1:
             raise PromptError(
-                f"row {row}: expected one image as one run of {self.n_query} query tokens, found {len(runs)} run(s)"
+                f"row {row}: expected one image as one run of {self.n_query} {self.image_token!r} tokens, found "
+                f"{len(runs)} runs ({positions.numel()} tokens): the text holds {self.image_token!r} or a word the "
+                "tokenizer maps to it"
             )
         return [replace(query_span(0, runs[0], self.n_query), qformer_text=self.qformer_text(batch, row))]
 
