@@ -1,0 +1,168 @@
+"""Independent computations of vlens's analyses from a Hugging Face reference model.
+
+Every function here reads only the reference (a second, un-hooked copy loaded with
+eager attention) and the token ids: HF's ``hidden_states`` and ``attentions``, its own
+final norm and head, and a plain loop of full forwards over ``inputs_embeds``. Nothing
+here calls vlens's analysis code.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from tests.parity.helpers import hf_reference
+from vlens import HookedVLM, VLMInputs
+
+
+@dataclass(frozen=True)
+class Family:
+    """A tiny family checkpoint and what the tests expect of it.
+
+    Attributes:
+        module, builder, kwargs: ``tests.tiny.<module>.<builder>(path, **kwargs)``.
+        lm_attr: The reference's attribute holding its own causal LM with a head
+            (BLIP's ``language_model``), or None when the whole model takes
+            ``inputs_embeds`` directly.
+        reads_prompt: Whether the connector reads the instruction (so image-token
+            states depend on the prompt).
+    """
+
+    module: str
+    builder: str
+    kwargs: dict = field(default_factory=dict)
+    lm_attr: Optional[str] = None
+    reads_prompt: bool = False
+
+
+FAMILIES = {
+    "llava": Family("llava", "build_llava"),
+    "llava_siglip": Family("llava", "build_llava", {"tower": "siglip"}),
+    "llava_next": Family("llava_next", "build_llava_next"),
+    "idefics3": Family("idefics3", "build_idefics3"),
+    "blip2": Family("blip", "build_blip2", lm_attr="language_model"),
+    "instructblip": Family("blip", "build_instructblip", lm_attr="language_model", reads_prompt=True),
+}
+
+
+@dataclass
+class Tiny:
+    name: str
+    family: Family
+    model: HookedVLM
+    reference: torch.nn.Module
+
+
+def load_tiny(name: str, tmp: Path) -> Tiny:
+    fam = FAMILIES[name]
+    builder: Callable = getattr(importlib.import_module(f"tests.tiny.{fam.module}"), fam.builder)
+    path = builder(tmp, **fam.kwargs)
+    model = HookedVLM.from_pretrained(path, device="cpu")
+    return Tiny(name, fam, model, hf_reference(model, path))
+
+
+# ---- pieces of the reference ------------------------------------------------------------
+
+
+def decoder_of(reference: torch.nn.Module) -> torch.nn.Module:
+    return reference.get_decoder()
+
+
+def decoder_layers(reference: torch.nn.Module, n_layers: int) -> torch.nn.ModuleList:
+    for name, module in decoder_of(reference).named_modules():
+        if isinstance(module, torch.nn.ModuleList) and name.endswith("layers") and len(module) == n_layers:
+            return module
+    raise AssertionError("no decoder layer list found in the reference")
+
+
+def final_norm(reference: torch.nn.Module) -> torch.nn.Module:
+    for name, module in decoder_of(reference).named_modules():
+        last = name.rsplit(".", 1)[-1]
+        if last in ("norm", "final_layer_norm") and ".layers." not in name:
+            return module
+    raise AssertionError("no final norm found in the reference")
+
+
+def image_token_id(reference: torch.nn.Module) -> int:
+    config = reference.config
+    for attr in ("image_token_id", "image_token_index"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int):
+            return value
+    raise AssertionError("reference config has no image token id")
+
+
+def image_positions(reference: torch.nn.Module, input_ids: torch.Tensor, row: int = 0) -> torch.Tensor:
+    return (input_ids[row] == image_token_id(reference)).nonzero().flatten()
+
+
+def residual_states(reference: torch.nn.Module, inputs: VLMInputs, n_layers: int) -> tuple[list[torch.Tensor], Any]:
+    """HF's hidden states with the last one taken before the final norm (a hook on the last
+    decoder layer), so index l is the input of layer l / output of layer l - 1; and the outputs."""
+    captured = {}
+
+    def grab(_m, _args, out):
+        captured["last"] = (out[0] if isinstance(out, tuple) else out).detach()
+
+    handle = decoder_layers(reference, n_layers)[-1].register_forward_hook(grab)
+    try:
+        with torch.no_grad():
+            out = reference(**inputs.model_kwargs(), output_hidden_states=True, output_attentions=True)
+    finally:
+        handle.remove()
+    hidden = getattr(out, "hidden_states", None)
+    if hidden is None:
+        hidden = out.language_model_outputs.hidden_states
+    assert len(hidden) == n_layers + 1
+    return [h.float() for h in hidden[:-1]] + [captured["last"].float()], out
+
+
+def attentions(out: Any) -> tuple[torch.Tensor, ...]:
+    found = getattr(out, "attentions", None)
+    return found if found is not None else out.language_model_outputs.attentions
+
+
+def merged_embeddings(reference: torch.nn.Module, inputs: VLMInputs) -> torch.Tensor:
+    """The ``inputs_embeds`` HF hands its decoder (image features merged in)."""
+    captured = {}
+
+    def grab(_m, _args, kwargs):
+        captured["e"] = kwargs["inputs_embeds"].detach()
+
+    handle = decoder_of(reference).register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            reference(**inputs.model_kwargs())
+    finally:
+        handle.remove()
+    return captured["e"]
+
+
+def lm_logits(tiny: Tiny, embeds: torch.Tensor) -> torch.Tensor:
+    """Logits of a plain full forward of the reference's language model on ``embeds`` [1, n, d]."""
+    target = getattr(tiny.reference, tiny.family.lm_attr) if tiny.family.lm_attr else tiny.reference
+    mask = torch.ones(embeds.shape[:2], dtype=torch.long)
+    return target(inputs_embeds=embeds, attention_mask=mask).logits
+
+
+def answer_ce(logits: torch.Tensor, ids: torch.Tensor, answer: torch.Tensor, kept: torch.Tensor) -> float:
+    """Mean CE of the answer tokens in a reduced sequence; ``kept`` = original positions kept."""
+    new_index = {int(p): i for i, p in enumerate(kept.tolist())}
+    rows = torch.tensor([new_index[int(t)] - 1 for t in answer])
+    return float(torch.nn.functional.cross_entropy(logits[0, rows].float(), ids[answer]))
+
+
+def reduced_loss(tiny: Tiny, embeds: torch.Tensor, ids: torch.Tensor, answer: torch.Tensor, removed: set) -> float:
+    """The answer loss with the positions in ``removed`` taken out of the sequence."""
+    kept = torch.tensor([p for p in range(embeds.shape[1]) if p not in removed])
+    with torch.no_grad():
+        logits = lm_logits(tiny, embeds[:, kept])
+    return answer_ce(logits, ids, answer, kept)
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=0))
