@@ -108,6 +108,15 @@ def test_next_two_adjacent_images_in_one_row_and_a_second_row(next_adapter, phot
     assert row0[1].labels[16] == "<t1 0,0>" and "<nl 0>" in row0[1].labels
 
 
+def test_next_text_only_rows(next_adapter, tall):
+    inputs = prepare_batch(next_adapter, [[], [tall]], ["what is in the image ?", "what ?"], None, True)
+    assert inputs.layout.images[0] == ()
+    (span,) = inputs.layout.images[1]
+    assert span.n_tokens == next_adapter.canvas(inputs.extras["image_sizes"][0]).n_tokens
+    text_only = prepare_batch(next_adapter, [], "what is in the image ?", None, True)
+    assert text_only.layout.images == ((),) and text_only.extras == {}
+
+
 def test_next_refuses_a_miscounted_prompt(tmp_path):
     path = build_llava_next(tmp_path, save_model=False)
     config = load_config(str(path))

@@ -145,7 +145,14 @@ class LlavaNextAdapter(VisionPrefixAdapter):
                 f"non-empty list of (height, width) pairs that are multiples of the tower's image_size ({size})"
             )
 
+    def model_extras(self, batch: BatchFeature) -> dict[str, torch.Tensor]:
+        if batch.get("pixel_values") is None:
+            return {}  # a text-only batch: HF's forward takes no image_sizes then
+        return super().model_extras(batch)
+
     def image_spans(self, batch: BatchFeature, row: int, positions: torch.Tensor) -> list[ImageSpan]:
+        if positions.numel() == 0:
+            return []
         sizes = batch["image_sizes"]
         first = self._first_image_of_row(batch, row)
         spans: list[ImageSpan] = []
