@@ -16,9 +16,9 @@ from tests.tiny.llava_next import build_llava_next
 from vlens import HookedVLM
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    path = build_llava_next(tmp_path_factory.mktemp("llava_next"))
+@pytest.fixture(scope="module", params=["clip", "siglip"])
+def tiny(request, tmp_path_factory):
+    path = build_llava_next(tmp_path_factory.mktemp(f"llava_next_{request.param}"), tower=request.param)
     model = HookedVLM.from_pretrained(path, device="cpu")
     return model, hf_reference(model, path)
 
@@ -70,7 +70,9 @@ def test_layout_matches_the_features_hf_scatters(tiny, photo):
         embeds = cache["blocks.0.hook_resid_pre"][0, span.positions]
         core = reference.model
         crops = inputs.pixel_values[0]
-        hidden = core.vision_tower(crops, output_hidden_states=True).hidden_states[-2][:, 1:]
+        hidden = core.vision_tower(crops, output_hidden_states=True).hidden_states[-2]
+        if model.hf_model.config.vision_feature_select_strategy == "default":
+            hidden = hidden[:, 1:]  # drop CLS
         feats = core.multi_modal_projector(hidden)  # [1 + tiles, g*g, d]
     g = model.hf_model.config.vision_config.image_size // model.hf_model.config.vision_config.patch_size
     newline = span.tile == -1

@@ -1,4 +1,4 @@
-"""Tiny LLaVA-NeXT checkpoints: CLIP tower, anyres tiles, ``image_newline``, Llama tower.
+"""Tiny LLaVA-NeXT checkpoints: CLIP or SigLIP tower, anyres tiles, ``image_newline``, Llama tower.
 
 With ``image_size=28`` and ``patch=7`` every tile is a 4 x 4 grid of patches. The default
 ``image_grid_pinpoints`` offer 1 x 2, 2 x 1 and 2 x 2 tile canvases (in pixels: 28 x 56,
@@ -19,6 +19,7 @@ from transformers import (
     LlavaNextForConditionalGeneration,
     LlavaNextImageProcessorPil,
     LlavaNextProcessor,
+    SiglipVisionConfig,
 )
 
 from tests.tiny import word_tokenizer
@@ -29,6 +30,7 @@ PINPOINTS = ((28, 56), (56, 28), (56, 56))
 
 def build_llava_next(
     out: Path,
+    tower: str = "clip",
     image_size: int = 28,
     patch: int = 7,
     pinpoints: Sequence[Sequence[int]] = PINPOINTS,
@@ -43,10 +45,18 @@ def build_llava_next(
     """
     torch.manual_seed(seed)
     tokenizer = word_tokenizer(specials=[])
-    vision = CLIPVisionConfig(
+    tower_kwargs = dict(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        image_size=image_size, patch_size=patch, projection_dim=32,
+        image_size=image_size, patch_size=patch,
     )
+    if tower == "clip":  # a CLS token, dropped by strategy "default"
+        vision = CLIPVisionConfig(projection_dim=32, **tower_kwargs)
+        strategy, extra_tokens = "default", 1
+    elif tower == "siglip":  # no CLS token: strategy "full"
+        vision = SiglipVisionConfig(**tower_kwargs)
+        strategy, extra_tokens = "full", 0
+    else:
+        raise ValueError(f"tower must be 'clip' or 'siglip', got {tower!r}")
     text = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
         num_attention_heads=4, num_key_value_heads=n_kv_heads, max_position_embeddings=512,
@@ -55,7 +65,7 @@ def build_llava_next(
     grid = [list(p) for p in pinpoints]
     config = LlavaNextConfig(
         vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu",
+        vision_feature_layer=-2, vision_feature_select_strategy=strategy, projector_hidden_act="gelu",
         image_grid_pinpoints=grid, **(config_overrides or {}),
     )
     config.architectures = ["LlavaNextForConditionalGeneration"]
@@ -65,7 +75,7 @@ def build_llava_next(
     )
     processor = LlavaNextProcessor(
         image_processor=image_processor, tokenizer=tokenizer, patch_size=patch,
-        num_additional_image_tokens=1, vision_feature_select_strategy="default",
+        num_additional_image_tokens=extra_tokens, vision_feature_select_strategy=strategy,
         chat_template=CHAT_TEMPLATE,
     )
     if save_model:
