@@ -171,3 +171,17 @@ def assert_every_stage_matches_hf(model: HookedVLM, reference: torch.nn.Module, 
     bad = {k: v for k, v in diffs.items() if not v <= TOL}
     assert not bad, f"differs from Hugging Face beyond {TOL}: {bad}"
     return diffs
+
+
+def assert_language_model_alone_matches(model: HookedVLM, inputs: VLMInputs) -> float:
+    """``run_language_model(input_embeddings(...))`` gives the full forward's logits, and
+    the embeddings hold the projected query tokens at the image positions."""
+    with torch.no_grad():
+        full, cache = model.run_with_cache(inputs, names_filter="vision_projector.hook_out")
+        embeds = model.input_embeddings(inputs)
+        alone, _ = model.run_language_model(embeds, attention_mask=inputs.attention_mask)
+    span = inputs.layout.images[0][0]
+    assert max_diff(embeds[0, span.positions], cache["vision_projector.hook_out"][0]) == 0.0
+    diff = max_diff(alone, full)
+    assert diff <= TOL, f"the language model alone differs from the full forward by {diff}"
+    return diff

@@ -6,7 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.parity.blip_checks import assert_every_stage_matches_hf, claimed_hook_names
+from tests.parity.blip_checks import (
+    assert_every_stage_matches_hf,
+    assert_language_model_alone_matches,
+    claimed_hook_names,
+)
 from tests.parity.helpers import assert_batched_equals_unbatched, assert_generate_matches_hf, hf_reference
 from tests.tiny.blip import build_blip2
 from vlens import HookedVLM
@@ -69,3 +73,8 @@ def test_batched_equals_unbatched(tiny, photo, photo2):
 def test_greedy_generate_equals_hf(tiny, photo):
     model, reference = tiny
     assert_generate_matches_hf(model, reference, model.prepare(photo, "describe the image ."))
+
+
+def test_language_model_alone_on_input_embeddings(tiny, photo):
+    model, _ = tiny
+    assert_language_model_alone_matches(model, model.prepare(photo, "what is in the image ?", answer="a cat"))

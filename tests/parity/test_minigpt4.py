@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import AutoImageProcessor, AutoTokenizer, Blip2ForConditionalGeneration, LlamaForCausalLM
 
+from tests.parity.blip_checks import assert_language_model_alone_matches
 from tests.parity.helpers import assert_batched_equals_unbatched, assert_generate_matches_hf, hf_reference, max_diff
 from tests.tiny.minigpt4 import LLAMA_HIDDEN, N_QUERY, QFORMER_HIDDEN, build_minigpt4_parts, write_minigpt4_ckpt
 from vlens import HookedVLM
@@ -109,6 +110,11 @@ def test_chat_template_false_takes_the_placeholders_inline(converted, photo):
     templated = model.prepare(photo, "what is in the image ?")
     raw = model.prepare(photo, templated.texts[0], chat_template=False)
     assert torch.equal(raw.input_ids, templated.input_ids)
+
+
+def test_language_model_alone_on_input_embeddings(converted, photo):
+    _, model = converted
+    assert_language_model_alone_matches(model, model.prepare(photo, "what is in the image ?", answer="a cat"))
 
 
 # ---- bad checkpoints give one clear error ------------------------------------------------
