@@ -197,6 +197,14 @@ def test_idefics3_refuses_a_wrong_image_seq_len(tmp_path, photo):
         prepare_batch(adapter, photo, "what is in the image ?", None, True)
 
 
+def test_idefics3_refuses_a_processor_that_disagrees_with_the_tower(tmp_path):
+    path = build_idefics3(tmp_path, save_model=False)
+    processor = load_processor(str(path))
+    processor.image_processor.max_image_size = {"longest_edge": 28}
+    with pytest.raises(UnsupportedArchitectureError, match="28px crops"):
+        Idefics3Adapter(load_config(str(path)), processor)
+
+
 def test_idefics3_refuses_a_non_llama_text_tower():
     config = Idefics3Config(text_config=MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                                       num_attention_heads=4).to_dict())
@@ -242,6 +250,13 @@ def test_gemma3_refuses_a_miscounted_prompt(gemma3_dir, photo):
     adapter = Gemma3Adapter(config, load_processor(str(gemma3_dir)))
     with pytest.raises(PromptError, match="needs 4"):
         prepare_batch(adapter, photo, "what is in the image ?", None, True)
+
+
+def test_gemma3_refuses_a_processor_that_disagrees_with_the_tower(gemma3_dir):
+    processor = load_processor(str(gemma3_dir))
+    processor.image_processor.size = {"height": 28, "width": 28}
+    with pytest.raises(UnsupportedArchitectureError, match="28x28"):
+        Gemma3Adapter(load_config(str(gemma3_dir)), processor)
 
 
 def gemma3_config(**text_overrides):

@@ -66,6 +66,18 @@ class Gemma3Adapter(VisionPrefixAdapter):
                 f"tower's {patches}x{patches} patch grid (the projector average-pools it to s x s)"
             )
 
+    def __init__(self, config: Any, processor: Any) -> None:
+        super().__init__(config, processor)
+        size = getattr(getattr(processor, "image_processor", None), "size", None)
+        hw = (size.get("height"), size.get("width")) if isinstance(size, dict) else (
+            getattr(size, "height", None), getattr(size, "width", None))
+        tower = config.vision_config.image_size
+        if None not in hw and hw != (tower, tower):
+            raise UnsupportedArchitectureError(
+                f"gemma3: the image processor resizes images to {hw[0]}x{hw[1]} but the vision tower takes "
+                f"{tower}x{tower} (vision_config.image_size); this checkpoint's processor and model disagree"
+            )
+
     @property
     def grid_side(self) -> int:
         """Side of the pooled token grid of one image."""

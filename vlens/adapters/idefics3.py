@@ -80,6 +80,14 @@ class Idefics3Adapter(VisionPrefixAdapter):
             )
         self._global_id = int(vocab[GLOBAL_TAG])
         self._fake_id = int(vocab[FAKE_TOKEN])
+        max_size = getattr(getattr(processor, "image_processor", None), "max_image_size", None)
+        crop = max_size.get("longest_edge") if isinstance(max_size, dict) else getattr(max_size, "longest_edge", None)
+        if crop is not None and crop != config.vision_config.image_size:
+            raise UnsupportedArchitectureError(
+                f"idefics3: the image processor cuts {crop}px crops (max_image_size) but the vision tower takes "
+                f"{config.vision_config.image_size}px images (vision_config.image_size); this checkpoint's processor "
+                "and model disagree"
+            )
 
     @property
     def tile_side(self) -> int:
