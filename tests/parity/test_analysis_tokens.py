@@ -1,0 +1,130 @@
+"""token_count_curve and token_contributions equal a hand-built loop of full Hugging Face
+forwards over ``inputs_embeds`` with the removed tokens taken out of the sequence."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.parity import analysis_refs as ref
+from vlens import analysis as va
+from vlens.errors import AnalysisInputError
+
+TOL = 1e-4
+PROMPT = "what is in the image ?"
+ANSWER = "a red circle ."
+
+
+@pytest.fixture(scope="module", params=list(ref.FAMILIES))
+def tiny(request, tmp_path_factory):
+    return ref.load_tiny(request.param, tmp_path_factory.mktemp(request.param))
+
+
+@pytest.fixture(scope="module")
+def case(tiny, photo):
+    inputs = tiny.model.prepare(photo, PROMPT, answer=ANSWER)
+    embeds = ref.merged_embeddings(tiny.reference, inputs)
+    ids = inputs.input_ids[0]
+    answer = inputs.layout.answer_mask[0].nonzero().flatten()
+    img = ref.image_positions(tiny.reference, inputs.input_ids)
+    return inputs, embeds, ids, answer, img
+
+
+def spread(n: int) -> list[int]:
+    return sorted({0, 1, n // 3, n // 2, n - 1, n})
+
+
+@pytest.mark.parametrize("order", ["raster", "random", "reversed"])
+def test_token_count_curve_equals_hf_loop(tiny, case, order):
+    inputs, embeds, ids, answer, img = case
+    n = img.numel()
+    counts = spread(n)
+    perm = torch.arange(n).flip(0) if order == "reversed" else order
+    kv = va.token_count_curve(tiny.model, inputs, counts=counts, order=perm, method="kv", batch_size=3)
+    naive = va.token_count_curve(tiny.model, inputs, counts=counts, order=perm, method="naive")
+    assert kv.engine == "kv"
+    assert torch.equal(kv.counts, torch.tensor(counts))
+    assert torch.equal(kv.order, naive.order)
+    ranked = kv.order
+    assert sorted(ranked.tolist()) == img.tolist()
+    if order == "raster":
+        assert torch.equal(ranked, img)
+    expected = torch.tensor(
+        [ref.reduced_loss(tiny, embeds, ids, answer, set(ranked[k:].tolist())) for k in counts]
+    )
+    assert (kv.loss - expected).abs().max() <= TOL, (kv.loss, expected)
+    assert (naive.loss - expected).abs().max() <= TOL
+    assert abs(float(kv.full_loss) - float(expected[-1])) <= TOL
+
+
+def test_token_drop_contributions_equal_hf_loop(tiny, case):
+    inputs, embeds, ids, answer, img = case
+    drop = va.token_contributions(tiny.model, inputs, method="drop", batch_size=5)
+    naive = va.token_contributions(tiny.model, inputs, method="drop", engine="naive")
+    assert torch.equal(drop.image_positions, img)
+    assert (drop.delta_loss - naive.delta_loss).abs().max() <= TOL
+    full = ref.reduced_loss(tiny, embeds, ids, answer, set())
+    assert abs(float(drop.full_loss) - full) <= TOL
+    for i in spread(img.numel() - 1):
+        expected = ref.reduced_loss(tiny, embeds, ids, answer, {int(img[i])}) - full
+        assert abs(float(drop.delta_loss[i]) - expected) <= TOL, f"token {i}"
+
+
+def test_gradient_contributions_equal_hf_autograd(tiny, case):
+    inputs, embeds, ids, answer, img = case
+    grad_result = va.token_contributions(tiny.model, inputs, method="gradient")
+    leaf = embeds.clone().requires_grad_(True)
+    logits = ref.lm_logits(tiny, leaf)
+    loss = torch.nn.functional.cross_entropy(logits[0, answer - 1].float(), ids[answer])
+    (grad,) = torch.autograd.grad(loss, leaf)
+    expected = (grad[0, img] * (0 - embeds[0, img])).sum(-1)
+    scale = float(expected.abs().max())
+    assert (grad_result.delta_loss - expected).abs().max() <= 1e-4 * max(1.0, scale)
+    assert abs(float(grad_result.full_loss) - float(loss.detach())) <= TOL
+    # How well the first-order estimate ranks tokens like removal does (reported, not asserted).
+    drop = va.token_contributions(tiny.model, inputs, method="drop")
+    rho = spearman(drop.delta_loss, grad_result.delta_loss)
+    print(f"\n{tiny.name}: Spearman(drop, gradient) over {img.numel()} tokens = {rho:+.3f}")
+    assert torch.isfinite(torch.tensor(rho))
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    ra = a.double().argsort().argsort().double()
+    rb = b.double().argsort().argsort().double()
+    return float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
+
+
+def test_batched_count_curve_and_drop_equal_single_rows(tiny, photo, photo2):
+    model = tiny.model
+    images, prompts, answers = [photo, photo2], [PROMPT, "describe the image ."], [ANSWER, "a big blue square ."]
+    batch = model.prepare(images, prompts, answer=answers)
+    curve = va.token_count_curve(model, batch, counts=[0, 2, 5])
+    drop = va.token_contributions(model, batch)
+    assert curve.loss.shape == (2, 3) and drop.delta_loss.ndim == 2
+    for row in range(2):
+        single = model.prepare(images[row], prompts[row], answer=answers[row])
+        one = va.token_count_curve(model, single, counts=[0, 2, 5])
+        assert (curve.loss[row] - one.loss).abs().max() <= TOL
+        d = va.token_contributions(model, single)
+        n = d.delta_loss.numel()
+        assert (drop.delta_loss[row, :n] - d.delta_loss).abs().max() <= TOL
+        assert drop.delta_loss[row, n:].isnan().all()
+    frame = curve.to_frame()
+    assert list(frame.columns) == ["batch", "count", "loss"] and len(frame) == 6
+
+
+def test_bad_arguments_name_the_value(tiny, case, photo):
+    inputs, _, _, _, img = case
+    model, n = tiny.model, img.numel()
+    with pytest.raises(AnalysisInputError, match="answer"):
+        va.token_count_curve(model, model.prepare(photo, PROMPT))
+    with pytest.raises(AnalysisInputError, match=rf"\[{n + 1}\].*0\.\.{n}"):
+        va.token_count_curve(model, inputs, counts=[0, n + 1])
+    with pytest.raises(AnalysisInputError, match="not a permutation"):
+        va.token_count_curve(model, inputs, order=[0] * n)
+    with pytest.raises(AnalysisInputError, match="'zigzag'"):
+        va.token_count_curve(model, inputs, order="zigzag")
+    with pytest.raises(AnalysisInputError, match="'fast'"):
+        va.token_count_curve(model, inputs, method="fast")
+    with pytest.raises(AnalysisInputError, match="'shapley'"):
+        va.token_contributions(model, inputs, method="shapley")
