@@ -9,8 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
+from tests.tiny.blip import build_blip2, build_instructblip
 from tests.tiny.llava import build_llava
 
 FAMILY_BUILDERS: dict[str, Callable[[Path], Path]] = {
     "llava": build_llava,
+    "blip2": build_blip2,
+    "instructblip": build_instructblip,
 }

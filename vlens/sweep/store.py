@@ -151,7 +151,15 @@ def provenance(model: Any, analyses: Iterable[Any], data: Any, *, chat_template:
     }
 
 
+def _by_name(value: Any) -> Any:
+    """A list of named dicts (the analyses) as a dict by name, so diffs name the analysis."""
+    if isinstance(value, list) and value and all(isinstance(v, dict) and "name" in v for v in value):
+        return {v["name"]: {k: x for k, x in v.items() if k != "name"} for v in value}
+    return value
+
+
 def _diff(old: Any, new: Any, path: str) -> list[str]:
+    old, new = _by_name(old), _by_name(new)
     if isinstance(old, dict) and isinstance(new, dict):
         out = []
         for k in sorted(set(old) | set(new)):
