@@ -137,7 +137,9 @@ def lens_panel(
         raise AnalysisInputError(f"layers {bad} out of range: the lens result has {len(all_layers)} layers")
     ncols = max(1, min(ncols, len(chosen)))
     nrows = math.ceil(len(chosen) / ncols)
-    fig = new_figure(panel_size * ncols + 0.8, (panel_size + 0.35) * nrows + 0.3)
+    panel_height = panel_size * max(0.35, min(1.0, rows / cols))
+    fig_height = (panel_height + 0.45) * nrows + 0.35
+    fig = new_figure(panel_size * ncols + 0.8, fig_height)
     cm = colormap(cmap)
     cell_pt = panel_size * 72 / max(rows, cols)
     for k, l in enumerate(chosen):
@@ -156,5 +158,5 @@ def lens_panel(
         ax.set_title(layer_labels(len(all_layers), [all_layers[l]])[0], fontsize=10)
     note = "" if on_grid else " (Q-Former queries in query order: no image grid)"
     fig.suptitle(f"Logit lens: top-1 word per visual token, shade = its probability{note}", fontsize=10)
-    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=1 - 0.45 / ((panel_size + 0.35) * nrows + 0.3), wspace=0.05, hspace=0.2)
+    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=1 - 0.5 / fig_height, wspace=0.05, hspace=0.35)
     return fig
