@@ -17,9 +17,15 @@ from tests.tiny.idefics3 import build_idefics3
 from vlens import HookedVLM
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    path = build_idefics3(tmp_path_factory.mktemp("idefics3"))
+VARIANTS = {
+    "idefics3": dict(image_size=56, patch=7, scale_factor=2),
+    "smolvlm": dict(image_size=60, patch=7, scale_factor=4),  # 60 px is no whole number of patches
+}
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def tiny(request, tmp_path_factory):
+    path = build_idefics3(tmp_path_factory.mktemp(request.param), **VARIANTS[request.param])
     model = HookedVLM.from_pretrained(path, device="cpu")
     return model, hf_reference(model, path)
 

@@ -2,13 +2,16 @@
 
 With ``image_size=56``, ``patch=7`` and ``scale_factor=2`` every crop (and the global
 image) becomes an 8 x 8 patch grid, shuffled into 4 x 4 = 16 image tokens. The processor
-first resizes an image's longest edge to ``longest_edge`` (112 by default), then splits
-it into 56 x 56 crops: a 61 x 43 photograph gives 2 x 2 crops, a 90 x 30 strip 1 x 2.
+first resizes an image's longest edge to ``longest_edge`` (two crops by default), then
+splits it into square crops: a 61 x 43 photograph gives 2 x 2 crops, a 90 x 30 strip 1 x 2.
+SmolVLM-style settings (``image_size=60, scale_factor=4``: a crop that is no whole number
+of patches, folded 4 x 4) give 2 x 2 = 4 tokens per crop.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import torch
 from transformers import (
@@ -37,7 +40,7 @@ def build_idefics3(
     image_size: int = 56,
     patch: int = 7,
     scale_factor: int = 2,
-    longest_edge: int = 112,
+    longest_edge: Optional[int] = None,
     max_grid: int = 4,
     do_image_splitting: bool = True,
     seed: int = 0,
@@ -45,9 +48,12 @@ def build_idefics3(
 ) -> Path:
     """Write a tiny random Idefics3 (model, word-level tokenizer, processor) to ``out``.
 
-    ``save_model=False`` writes only the config and processor (enough for layout tests).
+    ``longest_edge`` (default ``2 * image_size``) is the size the processor resizes an
+    image's longest edge to before cutting crops. ``save_model=False`` writes only the
+    config and processor (enough for layout tests).
     """
     torch.manual_seed(seed)
+    longest_edge = 2 * image_size if longest_edge is None else longest_edge
     row_col = [f"<row_{i}_col_{j}>" for i in range(1, max_grid + 1) for j in range(1, max_grid + 1)]
     tokenizer = word_tokenizer(specials=[*MARKERS, *row_col])
     vision = Idefics3VisionConfig(

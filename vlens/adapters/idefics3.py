@@ -57,11 +57,11 @@ class Idefics3Adapter(VisionPrefixAdapter):
                 f"idefics3: vision_config.image_size={size!r}, patch_size={patch!r} and scale_factor={scale!r} must "
                 "be integers (square crops); vlens does not handle rectangular towers"
             )
-        if size % patch or (size // patch) % scale:
+        if (size // patch) % scale:
             raise UnsupportedArchitectureError(
-                f"idefics3: a {size}px crop with patch_size {patch} is a {size // patch}-patch grid (remainder "
-                f"{size % patch}), which pixel shuffle with scale_factor {scale} cannot fold evenly; vlens needs "
-                "image_size divisible by patch_size and the patch grid divisible by scale_factor"
+                f"idefics3: a {size}px crop with patch_size {patch} is a {size // patch}x{size // patch} patch grid, "
+                f"which pixel shuffle with scale_factor {scale} cannot fold evenly; vlens needs "
+                "(image_size // patch_size) divisible by scale_factor"
             )
 
     def __init__(self, config: Any, processor: Any) -> None:
