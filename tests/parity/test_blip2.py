@@ -78,3 +78,13 @@ def test_greedy_generate_equals_hf(tiny, photo):
 def test_language_model_alone_on_input_embeddings(tiny, photo):
     model, _ = tiny
     assert_language_model_alone_matches(model, model.prepare(photo, "what is in the image ?", answer="a cat"))
+
+
+def test_weight_processing_keeps_log_probs(tiny, photo, tmp_path_factory):
+    model, _ = tiny
+    path = build_blip2(tmp_path_factory.mktemp("blip2-processed"))
+    processed = HookedVLM.from_pretrained(path, device="cpu", process_weights=True)
+    inputs = model.prepare(photo, "what is in the image ?")
+    with torch.no_grad():
+        diff = (model(inputs).log_softmax(-1) - processed(inputs).log_softmax(-1)).abs().max()
+    assert float(diff) <= 1e-4

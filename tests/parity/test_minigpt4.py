@@ -169,3 +169,20 @@ def test_cli_prints_one_line_not_a_stack_trace(parts, tmp_path, capsys):
                          "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert code == 1 and err.startswith("error: ") and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_vlens_convert_command_converts_and_reports_bad_checkpoints(parts, tmp_path, photo):
+    from click.testing import CliRunner
+
+    from vlens.cli import main as vlens_cli
+
+    args = ["convert", "minigpt4", "--blip2", str(parts["blip2"]), "--vicuna", str(parts["vicuna"])]
+    result = CliRunner().invoke(vlens_cli, [*args, "--minigpt4", str(parts["minigpt4"]), "--out", str(tmp_path / "ok")])
+    assert result.exit_code == 0, result.output
+    model = HookedVLM.from_pretrained(tmp_path / "ok", device="cpu")
+    assert model.adapter.family == "blip2" and model.hf_model.config.text_config.model_type == "llama"
+    bad = write_minigpt4_ckpt(tmp_path / "bad.pth", torch.zeros(LLAMA_HIDDEN, QFORMER_HIDDEN + 2), torch.zeros(LLAMA_HIDDEN))
+    result = CliRunner().invoke(vlens_cli, [*args, "--minigpt4", str(bad), "--out", str(tmp_path / "bad")])
+    assert result.exit_code != 0
+    assert "CheckpointFormatError" in result.output and "language_projection.weight" in result.output
+    assert "Traceback" not in result.output
