@@ -190,6 +190,14 @@ def test_idefics3_without_splitting_has_only_the_global_image(tmp_path, photo):
     assert span.tile_grids == {0: (4, 4)} and span.labels[0] == "<img 0,0>"
 
 
+def test_idefics3_needs_row_col_tokens_only_when_it_splits(tmp_path, photo):
+    with pytest.raises(UnsupportedArchitectureError, match="<row_i_col_j>"):
+        make_adapter(build_idefics3(tmp_path / "split", max_grid=0, save_model=False))
+    adapter = make_adapter(build_idefics3(tmp_path / "whole", max_grid=0, do_image_splitting=False, save_model=False))
+    (span,) = prepare_batch(adapter, photo, "what ?", None, True).layout.images[0]
+    assert span.tile_grids == {0: (4, 4)}
+
+
 def test_idefics3_refuses_a_wrong_image_seq_len(tmp_path, photo):
     adapter = make_adapter(build_idefics3(tmp_path, save_model=False))
     adapter.processor.image_seq_len = 9

@@ -72,14 +72,17 @@ class Idefics3Adapter(VisionPrefixAdapter):
             match = _ROW_COL.match(token)
             if match:
                 self._row_col_of[token_id] = (int(match.group(1)), int(match.group(2)))
-        missing = [t for t in (GLOBAL_TAG, FAKE_TOKEN) if t not in vocab]
-        if missing:
+        splits = getattr(getattr(processor, "image_processor", None), "do_image_splitting", True)
+        if splits and not self._row_col_of:
             raise UnsupportedArchitectureError(
-                f"idefics3: the tokenizer has no {missing} token(s); vlens reads the image layout from the "
-                f"{FAKE_TOKEN}, {GLOBAL_TAG} and <row_i_col_j> tokens the processor writes"
+                "idefics3: the image processor splits images into crops but the tokenizer has no <row_i_col_j> "
+                "tokens; vlens reads which crop each run of image tokens is from these tags"
             )
-        self._global_id = int(vocab[GLOBAL_TAG])
-        self._fake_id = int(vocab[FAKE_TOKEN])
+        # The processor adds <fake_token_around_image> itself; <global-img> is one token in
+        # SmolVLM / Idefics3 tokenizers (and, if some tokenizer splits it, its pieces stay text).
+        self._markers = frozenset(
+            {int(vocab[t]) for t in (GLOBAL_TAG, FAKE_TOKEN) if t in vocab} | set(self._row_col_of)
+        )
         max_size = getattr(getattr(processor, "image_processor", None), "max_image_size", None)
         crop = max_size.get("longest_edge") if isinstance(max_size, dict) else getattr(max_size, "longest_edge", None)
         if crop is not None and crop != config.vision_config.image_size:
@@ -96,7 +99,7 @@ class Idefics3Adapter(VisionPrefixAdapter):
         return vision.image_size // vision.patch_size // self.config.scale_factor
 
     def marker_ids(self) -> frozenset[int]:
-        return frozenset({self._fake_id, self._global_id, *self._row_col_of})
+        return self._markers
 
     def model_extras(self, batch: BatchFeature) -> dict[str, torch.Tensor]:
         # pixel_attention_mask is optional in HF's forward (all-ones when absent).
@@ -119,17 +122,11 @@ class Idefics3Adapter(VisionPrefixAdapter):
                 )
             if tag in self._row_col_of:
                 crops.append((self._row_col_of[tag], run))
-            elif tag == self._global_id:
+            else:  # after <global-img>: the global image closes the image
                 spans.append(self._image_span(len(spans), crops, run, where))
                 crops = []
-            else:
-                found = None if tag is None else self.tokenizer.convert_ids_to_tokens(tag)
-                raise PromptError(
-                    f"{where}: expected a <row_i_col_j> or {GLOBAL_TAG} token just before the image tokens, found "
-                    f"{found!r}; vlens reads the crop layout from these tags"
-                )
         if crops:
-            raise PromptError(f"row {row}: {len(crops)} crop(s) at the end have no {GLOBAL_TAG} image after them")
+            raise PromptError(f"row {row}: {len(crops)} crop(s) at the end have no global image after them")
         self._check_pixel_count(batch, row, spans)
         return spans
 
