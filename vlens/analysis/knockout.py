@@ -8,7 +8,8 @@ the vision stack runs once.
 Two engines give the same losses:
 
 * ``"naive"``: one forward of the language model per variant, on the reduced
-  embeddings with position ids ``0..len-1``.
+  embeddings with position ids ``0..len-1`` (logits computed only where the loss reads
+  them, as in ``"kv"``, so timings compare the prefix reuse alone).
 * ``"kv"``: in a causal language model the state of position p depends only on
   positions <= p, so for a variant whose first removed position is c, positions < c
   have exactly the full sequence's keys and values (same tokens, same positions). The
@@ -133,9 +134,10 @@ def _naive_loss(model: Any, problem: RowProblem, keep: Tensor) -> Tensor:
         embeds,
         attention_mask=torch.ones(1, n, dtype=torch.long, device=embeds.device),
         position_ids=torch.arange(n, device=embeds.device)[None],
+        logits_to_keep=new_index[problem.answer] - 1,  # only the logits the loss reads
         extras=kept_extras(problem, keep),
     )
-    return answer_loss(logits[0, new_index[problem.answer] - 1], problem.ids[problem.answer])
+    return answer_loss(logits[0], problem.ids[problem.answer])
 
 
 def _kv_losses(model: Any, problem: RowProblem, keeps: Tensor, batch_size: int) -> Tensor:
