@@ -75,6 +75,13 @@ def _delegate(component: GeneralizedComponent, hidden_states: torch.Tensor, *arg
     return component.hook_out(output)
 
 
+class BlipAttentionBridge(AttentionBridge):
+    """An attention that delegates to the HF module (its pattern comes from HF's eager
+    weights) and has no pre-norm residual fork, so no ``hook_attn_in``/``hook_*_input``."""
+
+    supports_split_qkv_fork = False
+
+
 class BlipVisionLayerBridge(GeneralizedComponent):
     """One pre-norm ViT layer of the BLIP vision encoder (fused ``qkv``, ``projection``)."""
 
@@ -92,7 +99,7 @@ class BlipVisionLayerBridge(GeneralizedComponent):
             attn_config,
             submodules={
                 "ln1": NormalizationBridge(name="layer_norm1", config=attn_config, use_native_layernorm_autograd=True),
-                "attn": AttentionBridge(
+                "attn": BlipAttentionBridge(
                     name="self_attn",
                     config=attn_config,
                     fused_qkv=True,
@@ -139,7 +146,7 @@ class BlipVisionEncoderBridge(GeneralizedComponent):
         return output
 
 
-class QFormerAttentionBridge(AttentionBridge):
+class QFormerAttentionBridge(BlipAttentionBridge):
     """A Q-Former (BERT-style) attention: ``query``/``key``/``value`` inside the module,
     the output dense layer outside it (the layer's ``attn_out``), so there is no ``hook_z``.
     For cross-attention the keys and values are the image's [CLS + patches]."""
