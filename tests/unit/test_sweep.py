@@ -1,0 +1,209 @@
+"""vlens.sweep in one process on the tiny random LLaVA: rows, resume, provenance, memory, errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from vlens import sweep
+from vlens.data import Example, ExampleSet, load_jsonl, load_scenes
+from vlens.errors import AnalysisInputError, DatasetError, MemoryBudgetError, SweepConfigError
+from vlens.sweep import store
+from vlens.sweep.cli import main as cli_main
+from vlens.sweep.cli import parse_params
+from vlens.sweep.memory import parse_bytes
+
+from tests.unit.test_loaders import FIX, IMAGES
+
+ALL = ["modality_similarity", "attention_to_image", "logit_lens", "token_count_curve"]
+
+
+@pytest.fixture(scope="module")
+def scenes():
+    return load_scenes(5, seed=3)
+
+
+@pytest.fixture(scope="module")
+def swept(llava_model, scenes, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep") / "run"
+    report = sweep.run(llava_model, scenes, out, ALL, batch_size=2, progress=False)
+    return out, report
+
+
+def frames_equal(a: pd.DataFrame, b: pd.DataFrame) -> None:
+    assert list(a["example_id"]) == list(b["example_id"])
+    assert list(a.columns) == list(b.columns)
+    for col in a.columns:
+        for x, y in zip(a[col], b[col]):
+            if isinstance(x, np.ndarray) or isinstance(y, np.ndarray):
+                np.testing.assert_array_equal(x, y)
+            elif isinstance(x, float) and math.isnan(x):
+                assert isinstance(y, float) and math.isnan(y)
+            else:
+                assert x == y, col
+
+
+def test_rows_columns_and_summary(llava_model, swept, scenes):
+    out, report = swept
+    assert report.total == report.processed == 5 and report.already_done == 0 and report.errors == 0
+    rows = sweep.load_results(out)
+    assert list(rows["example_id"]) == list(scenes.ids) and list(rows["index"]) == list(range(5))
+    n = llava_model.n_layers
+    row = rows.iloc[0]
+    assert len(row["modality_similarity.per_layer"]) == n + 1
+    assert len(row["attention_to_image.mass"]) == n
+    assert len(row["logit_lens.match"]) == n + 1 and row["logit_lens.final_agreement"][-1] == 1.0
+    assert list(row["token_count_curve.counts"]) == [0, 4, 8, 12, 16] and row["n_image_tokens"] == 16
+    assert row["token_count_curve.loss"][-1] == pytest.approx(row["answer_loss"], abs=1e-4)
+    assert len(list((out / "shards").glob("*.parquet"))) == 3  # one shard per batch
+    assert not list(out.rglob(".tmp-*"))
+    summary = report.summary
+    sim = summary.curves.query("analysis == 'modality_similarity'")
+    assert list(sim["x"]) == list(range(n + 1)) and (sim["n"] == 5).all()
+    expected = np.mean(np.stack(rows["modality_similarity.per_layer"]), 0)
+    np.testing.assert_allclose(sim["mean"], expected, rtol=1e-6)
+    assert (sim["ci_low"] <= sim["mean"]).all() and (sim["mean"] <= sim["ci_high"]).all()
+    assert (out / "summary.csv").is_file() and json.loads((out / "summary.json").read_text())["n_examples"] == 5
+    prov = json.loads((out / "provenance.json").read_text())
+    assert prov["dataset"]["size"] == 5 and prov["dataset"]["kind"] == "scenes"
+    assert prov["model"]["config_hash"] == store.config_hash(llava_model)
+    assert set(prov["versions"]) >= {"vlens", "transformer-lens", "transformers"}
+    assert [a["name"] for a in prov["analyses"]] == ALL
+
+
+def test_rerun_skips_finished_examples(llava_model, swept, scenes):
+    out, _ = swept
+    before = sweep.load_results(out)
+    report = sweep.run(llava_model, scenes, out, ALL, batch_size=2, progress=False)
+    assert report.already_done == 5 and report.processed == 0
+    frames_equal(before, sweep.load_results(out))
+
+
+def test_resume_after_lost_shard_and_other_batch_size(llava_model, swept, scenes, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(swept[0], out)
+    before = sweep.load_results(out)
+    lost = sorted((out / "shards").glob("*.parquet"))[1]
+    lost.unlink()
+    (out / "shards" / ".tmp-deadbeef-half.parquet").write_bytes(b"half a shard")  # a killed write
+    report = sweep.run(llava_model, scenes, out, ALL, batch_size=2, progress=False)
+    assert report.processed == 2 and not list(out.rglob(".tmp-*"))
+    frames_equal(before, sweep.load_results(out))
+    for path in sorted((out / "shards").glob("*.parquet"))[:2]:
+        path.unlink()
+    report = sweep.run(llava_model, scenes, out, ALL, batch_size=3, progress=False)  # other batches: close, not equal
+    after = sweep.load_results(out)
+    assert list(after["example_id"]) == list(scenes.ids)
+    np.testing.assert_allclose(np.stack(after["modality_similarity.per_layer"]),
+                               np.stack(before["modality_similarity.per_layer"]), atol=1e-5)
+
+
+def test_streaming_equals_cache_form(llava_model, swept, scenes, tmp_path):
+    params = {a: {"stream": False} for a in ALL[:3]}
+    sweep.run(llava_model, scenes, tmp_path / "cached", ALL[:3], params=params, batch_size=2, progress=False)
+    cached, streamed = sweep.load_results(tmp_path / "cached"), sweep.load_results(swept[0])
+    for col in cached.columns:
+        if "." in col:
+            np.testing.assert_allclose(np.stack(cached[col]), np.stack(streamed[col]), atol=1e-6, err_msg=col)
+
+
+def test_values_match_vlens_analysis(llava_model, swept, scenes):
+    va = pytest.importorskip("vlens.analysis", reason="vlens.analysis is written in parallel")
+    rows = sweep.load_results(swept[0])
+    ex = scenes[1]
+    inputs = llava_model.prepare(ex.load_image(), ex.prompt, answer=ex.answer)
+    _, cache = llava_model.run_with_cache(inputs)
+    sim = va.modality_similarity(llava_model, cache, against="text_states", text="instruction")
+    np.testing.assert_allclose(rows["modality_similarity.per_layer"][1], sim.per_layer.numpy(), atol=1e-5)
+    att = va.attention_to_image(cache, query="instruction")
+    np.testing.assert_allclose(rows["attention_to_image.mass"][1], att.mass.mean(-1).numpy(), atol=1e-5)
+    lens = va.logit_lens(llava_model, cache, positions="image", k=5)
+    top1 = lens.top_ids[..., 0]
+    np.testing.assert_allclose(rows["logit_lens.final_agreement"][1], (top1 == top1[-1]).float().mean(-1).numpy())
+
+
+def test_provenance_mismatch_refused_naming_the_field(llava_model, swept, scenes):
+    out, _ = swept
+    with pytest.raises(SweepConfigError, match=r"analyses.logit_lens.params.k: folder has 5, this run has 3"):
+        sweep.run(llava_model, scenes, out, ALL, params={"logit_lens": {"k": 3}}, progress=False)
+    with pytest.raises(SweepConfigError, match=r"dataset\.(fingerprint|size)"):
+        sweep.run(llava_model, load_scenes(4, seed=3), out, ALL, progress=False)
+    with pytest.raises(SweepConfigError, match="chat_template"):
+        sweep.run(llava_model, scenes, out, ALL, chat_template=False, progress=False)
+
+
+def test_memory_estimate_and_budget(llava_model, scenes, tmp_path):
+    stream = sweep.estimate_memory(llava_model, sweep.analyses.build_analyses(ALL[:3]), 8, 48, 16)
+    cached = sweep.estimate_memory(
+        llava_model, sweep.analyses.build_analyses(ALL[:3], {a: {"stream": False} for a in ALL[:3]}), 8, 48, 16)
+    assert cached.total > stream.total and cached.weights == stream.weights > 0
+    assert cached.analyses["attention_to_image"] > stream.analyses["attention_to_image"]
+    assert "weights" in str(stream)
+    with pytest.raises(MemoryBudgetError, match=r"needs an estimated .* budget is 100\.0 KiB.*attention_to_image"):
+        sweep.run(llava_model, scenes, tmp_path / "m", ["attention_to_image"],
+                  params={"attention_to_image": {"stream": False}}, memory_budget="100KB", progress=False)
+    assert not (tmp_path / "m" / "shards").exists()  # refused before any batch ran
+    assert parse_bytes("1.5GB") == 1.5 * 1024**3 and parse_bytes("off") == float("inf") and parse_bytes(None) is None
+    with pytest.raises(SweepConfigError, match="memory_budget"):
+        parse_bytes("lots")
+
+
+def test_unreadable_image_skipped_and_reported(llava_model, tmp_path):
+    path = tmp_path / "p.jsonl"
+    recs = [{"id": "good", "image": "a.png", "prompt": "what is in the image ?", "answer": "a cat"},
+            {"id": "bad", "image": "broken.png", "prompt": "what is in the image ?"},
+            {"id": "gone", "image": "missing.png", "prompt": "what"}]
+    path.write_text("\n".join(json.dumps(r) for r in recs))
+    data = load_jsonl(path, IMAGES, check_images=False, skip_bad=True)  # 'gone' is skipped at load time
+    with pytest.raises(DatasetError, match="example 'bad'"):
+        sweep.run(llava_model, data, tmp_path / "strict", ["modality_similarity"], progress=False)
+    report = sweep.run(llava_model, data, tmp_path / "lenient", ["modality_similarity"], skip_bad=True,
+                       progress=False)
+    assert report.errors == 1
+    rows = sweep.load_results(tmp_path / "lenient")
+    assert list(rows["example_id"]) == ["good", "bad"] and pd.isna(rows["error"][0]) and "cannot be read" in rows["error"][1]
+    skipped = {s.id: s.reason for s in report.summary.skipped}
+    assert set(skipped) == {"line 3 (id 'gone')", "bad"} and "does not exist" in skipped["line 3 (id 'gone')"]
+    assert report.summary.n_examples == 1
+
+
+def test_bad_arguments(llava_model, scenes, tmp_path):
+    with pytest.raises(AnalysisInputError, match="unknown sweep analysis 'lens'"):
+        sweep.run(llava_model, scenes, tmp_path / "x", ["lens"])
+    with pytest.raises(AnalysisInputError, match="bad parameters for logit_lens"):
+        sweep.run(llava_model, scenes, tmp_path / "x", ["logit_lens"], params={"logit_lens": {"top": 3}})
+    with pytest.raises(AnalysisInputError, match="not in the sweep"):
+        sweep.run(llava_model, scenes, tmp_path / "x", ["logit_lens"], params={"attention_to_image": {}})
+    with pytest.raises(SweepConfigError, match="batch_size"):
+        sweep.run(llava_model, scenes, tmp_path / "x", batch_size=0)
+    with pytest.raises(SweepConfigError, match="already loaded"):
+        sweep.run(llava_model, scenes, tmp_path / "x", device="cpu")
+    with pytest.raises(SweepConfigError, match="ExampleSet"):
+        sweep.run(llava_model, "images/", tmp_path / "x")
+    img = scenes[0].image
+    report = sweep.run(llava_model, [Example("one", img, "describe the image .")], tmp_path / "list",
+                       ["attention_to_image"], progress=False)
+    assert report.processed == 1
+
+
+def test_cli_runs_resumes_and_summarizes(llava_dir, tmp_path, capsys):
+    base = ["--model", str(llava_dir), "--data-format", "jsonl", "--data", str(FIX / "prompts.jsonl"),
+            "--images", str(IMAGES), "--prompt", "what is in the image ?", "--out", str(tmp_path / "c"),
+            "--analyses", "logit_lens,attention_to_image", "--batch-size", "2", "--no-progress", "--device", "cpu"]
+    assert cli_main(base + ["--param", "logit_lens.k=2"]) == 0
+    assert "3 examples" in capsys.readouterr().out
+    rows = sweep.load_results(tmp_path / "c")
+    assert list(rows["example_id"]) == ["x1", "x2", "line 3"]
+    assert not np.isnan(rows["logit_lens.object_hit"][0]).any() and np.isnan(rows["logit_lens.object_hit"][1]).all()
+    assert cli_main(["--out", str(tmp_path / "c"), "--summarize-only"]) == 0
+    assert cli_main(base + ["--param", "logit_lens.k=3"]) == 2
+    assert "logit_lens.params.k" in capsys.readouterr().err
+    assert parse_params(["a.b=1", "a.c=x", "a.d=[0.5, 1]"]) == {"a": {"b": 1, "c": "x", "d": [0.5, 1]}}
+    with pytest.raises(SweepConfigError, match="ANALYSIS.KEY=VALUE"):
+        parse_params(["k=3"])
