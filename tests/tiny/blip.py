@@ -84,10 +84,19 @@ def _image_processor() -> BlipImageProcessor:
     return BlipImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
 
 
-def build_blip2(out: Path, seed: int = 0) -> Path:
-    """Write a tiny random BLIP-2 with an OPT tower to ``out``."""
+def build_blip2(out: Path, seed: int = 0, declare_image_token: bool = False) -> Path:
+    """Write a tiny random BLIP-2 with an OPT tower to ``out``.
+
+    ``declare_image_token`` gives the tokenizer an ``image_token`` attribute, with which
+    HF's BLIP processors fail unless vlens repairs them.
+    """
     torch.manual_seed(seed)
     tokenizer = blip_tokenizer()
+    if declare_image_token:
+        tokenizer = PreTrainedTokenizerFast(
+            tokenizer_object=tokenizer.backend_tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+            pad_token="<pad>", extra_special_tokens={"image_token": "<image>"},
+        )
     text = OPTConfig(
         vocab_size=len(tokenizer), hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
         max_position_embeddings=128, word_embed_proj_dim=32, pad_token_id=0, bos_token_id=1, eos_token_id=2,

@@ -123,3 +123,16 @@ def test_encoder_decoder_tower_is_refused(tmp_path):
     Blip2Processor(image_processor=_image_processor(), tokenizer=tokenizer, num_query_tokens=N_QUERY).save_pretrained(tmp_path)
     with pytest.raises(UnsupportedArchitectureError, match="encoder-decoder.*not supported|not supported.*encoder-decoder"):
         HookedVLM.from_pretrained(tmp_path, device="cpu")
+
+
+def test_processor_of_a_tokenizer_declaring_image_token_is_repaired(tmp_path, photo):
+    from transformers import AutoProcessor
+
+    path = build_blip2(tmp_path, declare_image_token=True)
+    raw = AutoProcessor.from_pretrained(path)
+    assert isinstance(raw.image_token, str)
+    with pytest.raises(AttributeError, match="content"):  # Hugging Face's own failure
+        raw(images=[photo], text=["what"], return_tensors="pt")
+    model = HookedVLM.from_pretrained(path, device="cpu")
+    inputs = model.prepare(photo, "what is in the image ?")
+    assert torch.equal(inputs.layout.images[0][0].positions, torch.arange(N_QUERY))

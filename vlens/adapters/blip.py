@@ -83,6 +83,13 @@ class Blip2Adapter(VisionPrefixAdapter):
 
     def __init__(self, config: Any, processor: Any) -> None:
         super().__init__(config, processor)
+        if isinstance(getattr(processor, "image_token", None), str):
+            # When the tokenizer declares image_token, HF's BLIP processors keep it as a str
+            # and then fail on ``image_token.content`` at call time; give them the AddedToken
+            # they expect (the same token).
+            from transformers import AddedToken
+
+            processor.image_token = AddedToken(processor.image_token, normalized=False, special=True)
         if getattr(processor, "chat_template", None) is None and getattr(self.tokenizer, "chat_template", None):
             # Blip2Processor.__init__ drops the chat_template that from_pretrained reads from
             # the folder; the tokenizer loads the same file, so take it from there.
