@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sys
 
 import pandas as pd
 import pytest
@@ -96,3 +97,30 @@ def test_report_on_every_family(family, tmp_path, photo):
     report = build_report(model, inputs)
     assert report.problems == {}
     assert [s.key for s in report.sections] == SECTIONS
+
+
+def test_views_and_report_have_no_side_effects(llava_model, llava_inputs, monkeypatch, capsys):
+    """No network, no subprocess, no printing, no pyplot figure left behind."""
+    import os
+    import socket
+    import subprocess
+
+    import matplotlib
+
+    from vlens.viz import attention_view
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"a view tried to reach outside: {args[:2]!r}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(subprocess, "Popen", refuse)
+    monkeypatch.setattr(os, "system", refuse)
+    report = build_report(llava_model, llava_inputs)
+    _, cache = llava_model.run_with_cache(llava_inputs, names_filter="blocks.*.attn.hook_pattern")
+    view = attention_view(cache, llava_model.to_str_tokens(llava_inputs))
+    assert report.problems == {} and view._repr_html_().startswith('<script data-vlens="circuitsvis-bundle">')
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == ""
+    if "matplotlib.pyplot" in sys.modules:
+        assert sys.modules["matplotlib.pyplot"].get_fignums() == []

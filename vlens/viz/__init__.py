@@ -17,13 +17,17 @@ from vlens.viz.curves import (
 )
 from vlens.viz.heatmap import heatmap_grid, image_heatmap, model_view_image, overlay, span_values
 from vlens.viz.lens_panel import lens_grid, lens_panel
+from vlens.viz.report import Report, Section, build_report, report_inputs
 
 __all__ = [
     "HTMLView",
+    "Report",
+    "Section",
     "attention_heads_view",
     "attention_mass_figure",
     "attention_view",
     "bar_figure",
+    "build_report",
     "choose_window",
     "count_curve_figure",
     "figure_png",
@@ -34,6 +38,7 @@ __all__ = [
     "lens_panel",
     "model_view_image",
     "overlay",
+    "report_inputs",
     "similarity_figure",
     "span_values",
 ]
