@@ -123,3 +123,10 @@ def test_greedy_generate_equals_hf(tiny, photo2):
     model, reference = tiny
     inputs = model.prepare(photo2, "describe the image .")
     assert_generate_matches_hf(model, reference, inputs, n=5)
+
+
+def test_two_images_in_one_row_equal_hf(tiny, photo, photo2):
+    model, reference = tiny
+    inputs = model.prepare([photo, photo2], TWO_IMAGES, answer="a red circle .")
+    assert len(inputs.layout.images[0]) == 2
+    assert_matches_hf(model, reference, inputs)

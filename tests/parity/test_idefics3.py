@@ -119,3 +119,10 @@ def test_greedy_generate_equals_hf(tiny, wide):
     model, reference = tiny
     inputs = model.prepare(wide, "describe the image .")
     assert_generate_matches_hf(model, reference, inputs, n=5)
+
+
+def test_two_images_in_one_row_equal_hf(tiny, photo, wide):
+    model, reference = tiny
+    inputs = model.prepare([wide, photo], "<image> what is in <image> the image ?")
+    assert [len(s.tile_grids) for s in inputs.layout.images[0]] == [3, 5]
+    assert_matches_hf(model, reference, inputs)

@@ -110,3 +110,18 @@ def test_greedy_generate_equals_hf(tiny, photo2):
     model, reference = tiny
     inputs = model.prepare(photo2, "describe the image .")
     assert_generate_matches_hf(model, reference, inputs, n=5)
+
+
+def test_two_adjacent_images_in_one_row_equal_hf(tiny, photo, photo2):
+    model, reference = tiny
+    inputs = model.prepare([photo, photo2], "<image> <image> what is in the image ?")
+    first, second = inputs.layout.images[0]
+    assert int(second.positions[0]) == int(first.positions[-1]) + 1  # one run of placeholders, split by counts
+    assert_matches_hf(model, reference, inputs)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(inputs, names_filter="blocks.0.hook_resid_pre")
+    embeds = cache["blocks.0.hook_resid_pre"][0]
+    newline = model.hf_model.model.image_newline
+    for span in (first, second):
+        at_newlines = embeds[span.positions[span.tile == -1]]
+        assert torch.allclose(at_newlines, newline.expand_as(at_newlines), atol=1e-6)
