@@ -66,6 +66,7 @@ class RecipeConfig:
         align: Stage (c), projector only, on captions.
         instruct: Stage (d), projector + language model, on one question per example.
         caption_fraction: Share of stage-(d) examples that are captions (keeps captioning alive).
+        object_patch_weight: Stage-(a) loss weight of object patches relative to background ones.
     """
 
     arch: Architecture
@@ -76,6 +77,7 @@ class RecipeConfig:
     align: StageSchedule
     instruct: StageSchedule
     caption_fraction: float = 1 / 6
+    object_patch_weight: float = 4.0
 
 
 def recipe_config(scale: Scale) -> RecipeConfig:
@@ -85,7 +87,7 @@ def recipe_config(scale: Scale) -> RecipeConfig:
             arch=Architecture(),
             pool_size=24_000,
             eval_size=600,
-            vision=StageSchedule(steps=1200, batch_size=64, lr=1e-3),
+            vision=StageSchedule(steps=2000, batch_size=64, lr=2e-3),
             text=StageSchedule(steps=600, batch_size=64, lr=1e-3),
             align=StageSchedule(steps=450, batch_size=48, lr=1e-3),
             instruct=StageSchedule(steps=1100, batch_size=48, lr=5e-4),

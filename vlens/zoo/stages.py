@@ -113,6 +113,7 @@ def train_vision(
     pool: ScenePool,
     schedule: StageSchedule,
     rng: np.random.Generator,
+    object_patch_weight: float = 1.0,
     progress: bool = True,
 ) -> tuple[StageResult, VisionHeads]:
     """Stage (a): the vision tower on per-patch and count labels (images only).
@@ -123,14 +124,19 @@ def train_vision(
     tower = model.model.vision_tower
     heads = VisionHeads(model.config.vision_config.hidden_size)
     params = _set_trainable(model, [tower]) + list(heads.parameters())
-    loss_fn = nn.CrossEntropyLoss()
+    loss_fn = nn.CrossEntropyLoss(reduction="none")
 
     def loss_at(step: int) -> Tensor:
         idx = torch.from_numpy(rng.integers(len(pool), size=schedule.batch_size))
         out = heads(patch_states(model, pool.pixels[idx]))
-        loss = loss_fn(out["count"], pool.counts[idx])
+        # Most patches are background and easy; up-weighting object patches puts the gradient
+        # on the hard part, per-patch shape (the prototype's bottleneck).
+        on_object = (pool.patch_labels["colour"][idx] > 0).flatten().float()
+        weight = 1 + (object_patch_weight - 1) * on_object
+        loss = loss_fn(out["count"], pool.counts[idx]).mean()
         for k in PATCH_HEADS:
-            loss = loss + loss_fn(out[k].flatten(0, 1), pool.patch_labels[k][idx].flatten())
+            per_patch = loss_fn(out[k].flatten(0, 1), pool.patch_labels[k][idx].flatten())
+            loss = loss + (per_patch * weight).sum() / weight.sum()
         return loss
 
     return _run("a: vision", params, schedule, loss_at, progress), heads

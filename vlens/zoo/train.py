@@ -124,10 +124,11 @@ def run_recipe(
     log(f"scenes: {len(pool)} train, {len(eval_pool)} held out ({time.perf_counter() - t:.0f}s)")
 
     rngs = [np.random.default_rng([seed, stage]) for stage in range(4)]
+    cpu_start = time.process_time()
     report: dict = {"seed": seed, "scale": scale, "threads": threads, "parameters": n_params,
                     "config": dataclasses.asdict(cfg), "stages": {}}
 
-    result, heads = train_vision(model, pool, cfg.vision, rngs[0], progress)
+    result, heads = train_vision(model, pool, cfg.vision, rngs[0], cfg.object_patch_weight, progress)
     metrics = vision_patch_accuracy(model, heads, eval_pool)
     report["stages"]["vision"] = {**dataclasses.asdict(result), "heldout": metrics}
     log(f"  (a) held-out vision heads: {_fmt(metrics)}")
@@ -149,6 +150,7 @@ def run_recipe(
         log(f"  ({'d' if train_lm else 'c'}) held-out answers: {_fmt(metrics)}")
     del states
     report["train_seconds"] = time.perf_counter() - start
+    report["train_cpu_seconds"] = time.process_time() - cpu_start
 
     model.requires_grad_(True)
     model.eval()
