@@ -84,3 +84,11 @@ def test_generate_ignores_the_answer_and_batches_row_by_row(tiny, photo, photo2)
         model.prepare([photo, photo2], ["describe the image .", "what"], answer=["a cat", "a dog"]), max_new_tokens=4
     )
     assert torch.equal(batch.tokens[1], alone.tokens[0])
+
+
+def test_two_adjacent_images_in_one_row_equal_hf(tiny, photo, photo2):
+    model, reference = tiny
+    inputs = model.prepare([photo, photo2], "<image><image> what is in the image ?")
+    spans = inputs.layout.images[0]
+    assert len(spans) == 2 and int(spans[1].positions[0]) == int(spans[0].positions[-1]) + 1
+    assert_matches_hf(model, reference, inputs)

@@ -10,10 +10,16 @@ from pathlib import Path
 from typing import Callable
 
 from tests.tiny.blip import build_blip2, build_instructblip
+from tests.tiny.gemma3 import build_gemma3
+from tests.tiny.idefics3 import build_idefics3
 from tests.tiny.llava import build_llava
+from tests.tiny.llava_next import build_llava_next
 
 FAMILY_BUILDERS: dict[str, Callable[[Path], Path]] = {
     "llava": build_llava,
+    "llava_next": build_llava_next,
+    "idefics3": build_idefics3,
+    "gemma3": build_gemma3,
     "blip2": build_blip2,
     "instructblip": build_instructblip,
 }

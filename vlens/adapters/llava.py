@@ -15,8 +15,8 @@ import torch
 from transformers import BatchFeature
 
 from vlens.adapters.base import VisionPrefixAdapter, expect
-from vlens.errors import UnsupportedArchitectureError
-from vlens.layout import ImageSpan, contiguous_runs, grid_span
+from vlens.errors import PromptError, UnsupportedArchitectureError
+from vlens.layout import ImageSpan, grid_span
 
 LLAMA_STYLE_TEXT_MODELS = ("llama", "mistral", "qwen2")
 
@@ -54,5 +54,13 @@ class LlavaAdapter(VisionPrefixAdapter):
             self.config.vision_feature_select_strategy == "full"
             and self.config.vision_config.model_type == "clip_vision_model"
         )
-        runs = contiguous_runs(positions)
-        return [grid_span(i, run, rows, cols, leading_cls=leading_cls) for i, run in enumerate(runs)]
+        # Split by the per-image count, not by contiguous runs: two images whose
+        # placeholders are adjacent ("<image><image>") form one run.
+        per_image = rows * cols + int(leading_cls)
+        if positions.numel() % per_image:
+            raise PromptError(
+                f"row {row} has {positions.numel()} image tokens, not a multiple of the {per_image} one "
+                f"{rows}x{cols} image becomes"
+            )
+        chunks = torch.split(positions, per_image)
+        return [grid_span(i, chunk, rows, cols, leading_cls=leading_cls) for i, chunk in enumerate(chunks)]
