@@ -26,6 +26,11 @@ tree of a BLIP model:
 ``vision_projector``                     ``language_projection`` (MiniGPT-4: ``llama_proj``)
 ``embed``, ``blocks.{l}``, ``ln_final``, ``unembed``   the language model, with the
                                          names TransformerLens's OPT / Llama adapters give
+
+The vision and Q-Former attentions run inside the HF module, so their ``hook_pattern``
+is read-only (TransformerLens warns that an edit there is discarded; edit
+``hook_query_states``, ``hook_resid_*`` or q/k/v instead), and their
+``hook_attn_scores`` carries the same post-softmax weights (HF returns no scores).
 """
 
 from __future__ import annotations
