@@ -194,3 +194,15 @@ def test_transformers_logging_is_left_alone(llava_dir):
 
     HookedVLM.from_pretrained(llava_dir, device="cpu")
     assert logger.level == before
+
+
+def test_half_precision_loads_and_runs(llava_dir, photo, llava_model):
+    half = HookedVLM.from_pretrained(llava_dir, device="cpu", dtype="bfloat16")
+    assert half.dtype == torch.bfloat16
+    inputs = half.prepare(photo, "what is in the image ?")
+    with torch.no_grad():
+        logits, cache = half.run_with_cache(inputs, names_filter="blocks.*.hook_resid_post")
+        full = llava_model(inputs)
+    assert logits.dtype == torch.bfloat16 and cache["blocks.0.hook_resid_post"].dtype == torch.bfloat16
+    # bf16 keeps ~3 significant digits: the same model, not a bit-exact one.
+    assert torch.allclose(logits.float(), full, atol=0.1, rtol=0.05)
