@@ -101,6 +101,8 @@ def attention_mass_figure(result: Any, title: Optional[str] = None, cmap: str = 
     ax1.set_ylabel("head")
     ticks, labels = layer_ticks(n_layers, "block")
     ax1.set_xticks(ticks, labels)
+    head_ticks, head_labels = layer_ticks(n_heads, "block", max_ticks=16)
+    ax1.set_yticks(head_ticks, head_labels)
     ax1.set_title("attention mass on image tokens", fontsize=10)
     fig.colorbar(im, ax=ax1, fraction=0.046)
     ax2 = fig.add_subplot(1, 2, 2)

@@ -113,7 +113,7 @@ def lens_panel(
     image: int = 0,
     layers: Optional[Sequence[int]] = None,
     max_layers: int = 6,
-    ncols: int = 3,
+    ncols: Optional[int] = None,
     panel_size: float = 3.2,
     cmap: str = "Blues",
 ) -> Any:
@@ -126,7 +126,7 @@ def lens_panel(
         row, image: Which example and image.
         layers: Indices along the result's layer axis (default: up to ``max_layers``
             evenly spaced, embeddings and last layer included).
-        ncols: Panels per figure row.
+        ncols: Panels per figure row (default: one row for up to 4 panels, else 3).
         panel_size: Inches per panel.
         cmap: Colour map of the top-1 probability.
     """
@@ -135,6 +135,8 @@ def lens_panel(
     bad = [l for l in chosen if not 0 <= l < len(all_layers)]
     if bad:
         raise AnalysisInputError(f"layers {bad} out of range: the lens result has {len(all_layers)} layers")
+    if ncols is None:
+        ncols = len(chosen) if len(chosen) <= 4 else 3
     ncols = max(1, min(ncols, len(chosen)))
     nrows = math.ceil(len(chosen) / ncols)
     panel_height = panel_size * max(0.35, min(1.0, rows / cols))

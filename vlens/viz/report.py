@@ -397,7 +397,8 @@ def _attention_section(ctx: _Context) -> Section:
     panels = [(f"block {l}", received[l]) for l in chosen]
     body += figure_block(
         figure_png(heatmap_grid(panels, ctx.span, ctx.image, label="attention received", shared_range=False)),
-        "Attention each image token receives from the instruction (mean over heads and queries), per block.",
+        "Attention each image token receives from the instruction (mean over heads and queries), per block; "
+        "each panel has its own colour scale (the values are in the data files).",
         fig_id="fig-attention-received",
     )
     tables = {"attention_mass": result.to_frame()}
