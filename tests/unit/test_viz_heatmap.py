@@ -123,6 +123,9 @@ def test_model_view_image_undoes_normalisation():
     # Flattened patches (Qwen2-VL style) cannot be unprocessed: the original image comes back.
     flat = SimpleNamespace(images=inputs.images, pixel_values=torch.zeros(16, 12))
     assert model_view_image(flat, processor) is inputs.images[0][0]
+    # Tiles or crops ([images, tiles, 3, H, W]) too: their tile-0 grid spans the original image.
+    tiles = SimpleNamespace(images=inputs.images, pixel_values=pixels[None, None].expand(1, 3, 3, 8, 8))
+    assert model_view_image(tiles, processor) is inputs.images[0][0]
 
 
 def test_heatmap_grid_shares_one_scale():

@@ -52,25 +52,22 @@ def span_values(values: Any, layout: Any, row: int = 0, image: int = 0) -> Float
 def model_view_image(inputs: Any, processor: Any = None, row: int = 0, image: int = 0) -> PIL.Image.Image:
     """The image as the model saw it (resized, cropped), from the processed pixels.
 
-    Undoes the processor's normalisation for processors that output whole images
-    (``[n_images, 3, H, W]``, or ``[n_images, tiles, 3, H, W]`` whose tile 0 is the
-    whole image). Other layouts (flattened patches) fall back to the original image.
+    Undoes the processor's normalisation when the processor returns one whole image per
+    input image (``pixel_values`` of shape ``[n_images, 3, H, W]``: LLaVA-1.5's resize
+    and centre crop, BLIP-2's resize, ...). Other layouts (tiles, crops, flattened
+    patches) fall back to the original image: their tile-0 grid covers the whole image,
+    which is what stretching the grid over the original shows.
     """
     original = inputs.images[row][image]
     pixels = getattr(inputs, "pixel_values", None)
     image_processor = getattr(processor, "image_processor", None)
     mean = getattr(image_processor, "image_mean", None)
     std = getattr(image_processor, "image_std", None)
-    if pixels is None or mean is None or std is None or pixels.ndim not in (4, 5):
+    n_images = sum(len(imgs) for imgs in inputs.images)
+    if pixels is None or mean is None or std is None or pixels.ndim != 4 or pixels.shape[:2] != (n_images, 3):
         return original
     flat_index = sum(len(imgs) for imgs in inputs.images[:row]) + image
-    if flat_index >= pixels.shape[0]:
-        return original
     img = pixels[flat_index].detach().float().cpu()
-    if img.ndim == 4:
-        img = img[0]
-    if img.shape[0] != 3:
-        return original
     mean_t = torch.as_tensor(mean, dtype=torch.float32).view(-1, 1, 1)
     std_t = torch.as_tensor(std, dtype=torch.float32).view(-1, 1, 1)
     rescale = float(getattr(image_processor, "rescale_factor", 1 / 255) or 1 / 255)
