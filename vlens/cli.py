@@ -290,7 +290,13 @@ def info(model_name: str, device: Optional[str], dtype: Optional[str], stage: Op
         shown = " ".join(tokens[p] for p in pos[:6]) + (" ..." if len(pos) > 6 else "")
         click.echo(f"  {seg:<12} {len(pos):>4} tokens at {_ranges(pos)}: {shown}")
     for i, span in enumerate(layout.images[0]):
-        where = f"{span.grid[0]}x{span.grid[1]} grid" if span.grid else "no grid (query tokens)"
+        if span.grid:
+            where = f"{span.grid[0]}x{span.grid[1]} grid"
+        elif span.query_attention is not None:
+            rows, cols = span.query_attention.shape[1:]
+            where = f"no grid (query tokens; heatmaps spread them over the {rows}x{cols} patches they attend to)"
+        else:
+            where = "no grid (query tokens)"
         click.echo(f"  image {i}: {span.n_tokens} tokens, {where}, tiles {sorted(span.tile_grids) or '-'}")
 
 
