@@ -15,8 +15,8 @@ from tests.parity.helpers import TOL, max_diff
 from vlens import HookedVLM, VLMInputs
 
 # Hook names the BLIP adapters promise fire on every forward ({l}: LM block,
-# {v}: vision layer, {q}: Q-Former layer; cross-attention sits on every Q-Former
-# layer of the tiny models, cross_attention_frequency=1).
+# {v}: vision layer, {q}: Q-Former layer, {c}: Q-Former layer with cross-attention,
+# every cross_attention_frequency-th).
 CLAIMED_HOOKS = (
     "vision_encoder.hook_in",
     "vision_encoder.hook_out",
@@ -40,12 +40,12 @@ CLAIMED_HOOKS = (
     "qformer.layers.{q}.attn.hook_v",
     "qformer.layers.{q}.hook_attn_out",
     "qformer.layers.{q}.ln1.hook_out",
-    "qformer.layers.{q}.cross_attn.hook_pattern",
-    "qformer.layers.{q}.cross_attn.hook_q",
-    "qformer.layers.{q}.cross_attn.hook_k",
-    "qformer.layers.{q}.cross_attn.hook_v",
-    "qformer.layers.{q}.hook_cross_attn_out",
-    "qformer.layers.{q}.ln_cross.hook_out",
+    "qformer.layers.{c}.cross_attn.hook_pattern",
+    "qformer.layers.{c}.cross_attn.hook_q",
+    "qformer.layers.{c}.cross_attn.hook_k",
+    "qformer.layers.{c}.cross_attn.hook_v",
+    "qformer.layers.{c}.hook_cross_attn_out",
+    "qformer.layers.{c}.ln_cross.hook_out",
     "qformer.layers.{q}.hook_mlp_out",
     "qformer.layers.{q}.ln2.hook_out",
     "vision_projector.hook_in",
@@ -69,19 +69,25 @@ CLAIMED_HOOKS = (
 
 def claimed_hook_names(model: HookedVLM, extra: tuple[str, ...] = ()) -> list[str]:
     config = model.hf_model.config
-    counts = {
-        "v": config.vision_config.num_hidden_layers,
-        "q": config.qformer_config.num_hidden_layers,
-        "l": model.n_layers,
+    layers = {
+        "v": range(config.vision_config.num_hidden_layers),
+        "q": range(config.qformer_config.num_hidden_layers),
+        "c": cross_attention_layers(model),
+        "l": range(model.n_layers),
     }
     names = []
     for pattern in (*CLAIMED_HOOKS, *extra):
-        key = next((k for k in counts if "{" + k + "}" in pattern), None)
+        key = next((k for k in layers if "{" + k + "}" in pattern), None)
         if key is None:
             names.append(pattern)
         else:
-            names += [pattern.format(**{key: i}) for i in range(counts[key])]
+            names += [pattern.format(**{key: i}) for i in layers[key]]
     return names
+
+
+def cross_attention_layers(model: HookedVLM) -> list[int]:
+    qformer = model.hf_model.config.qformer_config
+    return [i for i in range(qformer.num_hidden_layers) if i % qformer.cross_attention_frequency == 0]
 
 
 @dataclass
@@ -161,12 +167,14 @@ def assert_every_stage_matches_hf(model: HookedVLM, reference: torch.nn.Module, 
     for layer in range(len(ref.qformer_attentions)):
         prefix = f"qformer.layers.{layer}"
         diffs[f"qformer.self_pattern.{layer}"] = max_diff(cache[f"{prefix}.attn.hook_pattern"], ref.qformer_attentions[layer])
-        diffs[f"qformer.cross_pattern.{layer}"] = max_diff(
-            cache[f"{prefix}.cross_attn.hook_pattern"], ref.qformer_cross_attentions[layer]
-        )
         diffs[f"qformer.query_states.{layer}"] = max_diff(
             cache[f"{prefix}.hook_query_states"], ref.qformer_hidden[layer + 1][:, :n_query]
         )
+    cross_layers = cross_attention_layers(model)
+    assert len(cross_layers) == len(ref.qformer_cross_attentions)
+    for layer, expected in zip(cross_layers, ref.qformer_cross_attentions):
+        pattern = cache[f"qformer.layers.{layer}.cross_attn.hook_pattern"]
+        diffs[f"qformer.cross_pattern.{layer}"] = max_diff(pattern, expected)
     diffs["projector.out"] = max_diff(cache["vision_projector.hook_out"], ref.projected)
     bad = {k: v for k, v in diffs.items() if not v <= TOL}
     assert not bad, f"differs from Hugging Face beyond {TOL}: {bad}"

@@ -16,9 +16,13 @@ from tests.tiny.blip import build_blip2
 from vlens import HookedVLM
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    path = build_blip2(tmp_path_factory.mktemp("blip2"))
+# "cross2": as released BLIP-2 checkpoints, cross-attention on every 2nd Q-Former layer.
+VARIANTS = {"cross1": dict(), "cross2": dict(qformer_layers=3, cross_every=2)}
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def tiny(request, tmp_path_factory):
+    path = build_blip2(tmp_path_factory.mktemp(f"blip2-{request.param}"), **VARIANTS[request.param])
     model = HookedVLM.from_pretrained(path, device="cpu")
     return model, hf_reference(model, path)
 
@@ -80,10 +84,9 @@ def test_language_model_alone_on_input_embeddings(tiny, photo):
     assert_language_model_alone_matches(model, model.prepare(photo, "what is in the image ?", answer="a cat"))
 
 
-def test_weight_processing_keeps_log_probs(tiny, photo, tmp_path_factory):
+def test_weight_processing_keeps_log_probs(tiny, photo):
     model, _ = tiny
-    path = build_blip2(tmp_path_factory.mktemp("blip2-processed"))
-    processed = HookedVLM.from_pretrained(path, device="cpu", process_weights=True)
+    processed = HookedVLM.from_pretrained(model.name, device="cpu", process_weights=True)
     inputs = model.prepare(photo, "what is in the image ?")
     with torch.no_grad():
         diff = (model(inputs).log_softmax(-1) - processed(inputs).log_softmax(-1)).abs().max()

@@ -72,10 +72,10 @@ def _vision(config_cls: type) -> object:
     )
 
 
-def _qformer(config_cls: type, vocab_size: int) -> object:
+def _qformer(config_cls: type, vocab_size: int, n_layers: int = 2, cross_every: int = 1) -> object:
     return config_cls(
-        vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=64, cross_attention_frequency=1, encoder_hidden_size=32,
+        vocab_size=vocab_size, hidden_size=32, num_hidden_layers=n_layers, num_attention_heads=4,
+        intermediate_size=64, cross_attention_frequency=cross_every, encoder_hidden_size=32,
         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, max_position_embeddings=128,
     )
 
@@ -84,8 +84,12 @@ def _image_processor() -> BlipImageProcessor:
     return BlipImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
 
 
-def build_blip2(out: Path, seed: int = 0, declare_image_token: bool = False) -> Path:
-    """Write a tiny random BLIP-2 with an OPT tower to ``out``.
+def build_blip2(
+    out: Path, seed: int = 0, declare_image_token: bool = False, qformer_layers: int = 2, cross_every: int = 1
+) -> Path:
+    """Write a tiny random BLIP-2 with an OPT tower to ``out``; its Q-Former has
+    ``qformer_layers`` layers, cross-attention on every ``cross_every``-th (released
+    BLIP-2 checkpoints: 12 layers, every 2nd).
 
     ``declare_image_token`` gives the tokenizer an ``image_token`` attribute, with which
     HF's BLIP processors fail unless vlens repairs them.
@@ -104,7 +108,7 @@ def build_blip2(out: Path, seed: int = 0, declare_image_token: bool = False) -> 
     )
     config = Blip2Config(
         vision_config=_vision(Blip2VisionConfig).to_dict(),
-        qformer_config=_qformer(Blip2QFormerConfig, len(tokenizer)).to_dict(),
+        qformer_config=_qformer(Blip2QFormerConfig, len(tokenizer), qformer_layers, cross_every).to_dict(),
         text_config=text.to_dict(),
         num_query_tokens=N_QUERY,
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
