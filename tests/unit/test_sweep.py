@@ -207,3 +207,15 @@ def test_cli_runs_resumes_and_summarizes(llava_dir, tmp_path, capsys):
     assert parse_params(["a.b=1", "a.c=x", "a.d=[0.5, 1]"]) == {"a": {"b": 1, "c": "x", "d": [0.5, 1]}}
     with pytest.raises(SweepConfigError, match="ANALYSIS.KEY=VALUE"):
         parse_params(["k=3"])
+
+
+def test_click_command_passes_arguments_through(swept):
+    click = pytest.importorskip("click")
+    from click.testing import CliRunner
+
+    from vlens.sweep.cli import sweep_command
+
+    group = click.Group("vlens", commands=[sweep_command])
+    result = CliRunner().invoke(group, ["sweep", "--out", str(swept[0]), "--summarize-only"])
+    assert result.exit_code == 0 and "5 examples" in result.output
+    assert CliRunner().invoke(group, ["sweep", "--help"]).output.startswith("usage: vlens sweep")

@@ -1,12 +1,10 @@
 """``vlens sweep``: the command line of :func:`vlens.sweep.run`.
 
-The ``vlens`` command attaches it as a subcommand with::
-
-    sub = subparsers.add_parser("sweep", help=HELP, description=DESCRIPTION)
-    add_arguments(sub)
-    sub.set_defaults(func=run_from_args)
-
-and ``python -m vlens.sweep.cli ...`` (or :func:`main`) runs it alone. Examples::
+The ``vlens`` command (a click group) attaches it with ``cli.add_command(sweep_command)``:
+``sweep_command`` is a click command named ``sweep`` that hands its arguments, unparsed, to
+:func:`main` (so ``vlens sweep --help`` shows the options below). An argparse program uses
+``add_arguments(subparser)`` and ``run_from_args(args)`` instead, and
+``python -m vlens.sweep.cli ...`` runs it alone. Examples::
 
     vlens sweep --model toy --data-format scenes --data 500 --out runs/scenes
     accelerate launch --num_processes 4 -m vlens.sweep.cli --model llava-hf/llava-1.5-7b-hf \\
@@ -162,6 +160,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except VLensError as exc:
         print(f"vlens sweep: error: {exc}", file=sys.stderr)
         return 2
+
+
+def _click_command() -> Any:
+    import click
+
+    @click.command(
+        "sweep", help=DESCRIPTION, short_help=HELP, add_help_option=False,
+        context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "allow_interspersed_args": False},
+    )
+    @click.argument("argv", nargs=-1, type=click.UNPROCESSED)
+    def sweep(argv: tuple[str, ...]) -> None:
+        code = main(list(argv))
+        if code:
+            raise SystemExit(code)
+
+    return sweep
+
+
+def __getattr__(name: str) -> Any:  # sweep_command, built on first use so argparse users need no click
+    if name == "sweep_command":
+        command = _click_command()
+        globals()[name] = command
+        return command
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 if __name__ == "__main__":
