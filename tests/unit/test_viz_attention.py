@@ -98,11 +98,11 @@ def test_attention_heads_view_fixed_ids_and_tokens():
     assert heads["component"] == "AttentionHeads"
     assert heads["tokens"] == tokens and heads["tokens"][2] == "<img 0,0>"  # canvas labels: plain text
     assert heads["attentionHeadNames"] == ["H0", "H1"]
-    assert torch.allclose(torch.tensor(heads["attention"]), pattern, atol=1e-4)
+    assert torch.allclose(torch.tensor(heads["attention"]), pattern, atol=6e-4)
     strip = props_of(view.fragment, "attn-test-tokens")
     assert strip["component"] == "ColoredTokens"
     assert strip["tokens"][2] == "&lt;img 0,0&gt;"  # innerHTML component: escaped, shown verbatim
-    assert torch.allclose(torch.tensor(strip["values"]), pattern[:, -1].mean(0), atol=1e-4)
+    assert torch.allclose(torch.tensor(strip["values"]), pattern[:, -1].mean(0), atol=6e-4)
     page = view.to_html()
     assert page.count('data-vlens="circuitsvis-bundle"') == 1
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page)
@@ -128,7 +128,7 @@ def test_attention_view_layers_heads_window():
     assert heads["tokens"] == tokens[2:]  # the prefix is outside the window
     window = torch.arange(2, len(tokens))
     expected = patterns[2, 0][[1, 3]][:, window][:, :, window]
-    assert torch.allclose(torch.tensor(heads["attention"]), expected, atol=1e-4)
+    assert torch.allclose(torch.tensor(heads["attention"]), expected, atol=6e-4)
     assert "v-L0-heads" in view.fragment and "v-L1-heads" not in view.fragment
     default = attention_view(cache, tokens)  # middle layer, every head, every token
     assert props_of(default.fragment, "vlens-attn-L1-heads")["attentionHeadNames"] == [f"L1H{h}" for h in range(4)]
@@ -157,3 +157,19 @@ def test_auto_window_keeps_text_and_most_attended_image_tokens():
     assert choose_window(layout, 0, slice(0, 4)).tolist() == [0, 1, 2, 3]
     with pytest.raises(AnalysisInputError, match="outside"):
         choose_window(layout, 0, [0, 99])
+
+
+def test_default_window_fits_the_render_budget():
+    from vlens.viz.attention import DEFAULT_CELL_BUDGET
+
+    layout = layout_of(prefix=5, rows=24, cols=24, instr=20)  # a LLaVA-1.5-sized prompt: 601 tokens
+    tokens = tokens_of(layout)
+    cache = FakeCache(layout, causal_patterns(2, 32, len(tokens)))
+    heads = props_of(attention_view(cache, tokens, layers=[1]).fragment, "vlens-attn-L1-heads")
+    n = len(heads["tokens"])
+    assert 32 * n * n <= DEFAULT_CELL_BUDGET and n == int((DEFAULT_CELL_BUDGET / 32) ** 0.5)
+    assert heads["tokens"][:5] == tokens[:5] and heads["tokens"][-20:] == tokens[-20:]  # all the text is kept
+    two = props_of(attention_view(cache, tokens, layers=[0, 1]).fragment, "vlens-attn-L0-heads")
+    assert len(two["tokens"]) < n
+    wide = props_of(attention_view(cache, tokens, layers=[1], heads=[0], max_tokens=90).fragment, "vlens-attn-L1-heads")
+    assert len(wide["tokens"]) == 90

@@ -5,7 +5,8 @@ and layers), so the views show a *window*: chosen layers, chosen heads and a cho
 of positions, which serve both as queries and keys (CircuitsVis draws square,
 causally-masked patterns). The default window renders quickly at any model size: every
 real token when there are few, else the text tokens plus the image tokens that text
-attends to most (see :func:`choose_window`).
+attends to most (see :func:`choose_window`), with the window's size chosen so the view
+holds about ``DEFAULT_CELL_BUDGET`` pattern cells.
 
 Each layer gives CircuitsVis's ``AttentionHeads`` (one thumbnail per head, click to zoom)
 and a ``ColoredTokens`` strip: the window's tokens coloured by the attention the focus
@@ -26,7 +27,12 @@ from vlens.viz._html import HTMLView, esc
 
 Window = Union[str, slice, Sequence[int], Tensor]
 DEFAULT_MAX_TOKENS = 96
-_DECIMALS = 4  # attention values are shown as colours; 4 decimals keep the page small
+# CircuitsVis draws every cell of every head's pattern with chart.js; render time grows with
+# layers x heads x window^2 (about 1.5 s for 16k cells and 4.5 s for 74k on a slow CPU). The
+# automatic window is sized so a view holds about this many cells.
+DEFAULT_CELL_BUDGET = 60_000
+MIN_AUTO_TOKENS = 16
+_DECIMALS = 3  # attention values are shown as colours; 3 decimals keep the page small
 
 
 def attention_heads_view(
@@ -172,7 +178,7 @@ def attention_view(
     heads: Union[None, int, Sequence[int]] = None,
     window: Window = "auto",
     row: int = 0,
-    max_tokens: int = DEFAULT_MAX_TOKENS,
+    max_tokens: Optional[int] = None,
     id_prefix: str = "vlens-attn",
 ) -> HTMLView:
     """CircuitsVis attention views of chosen layers of a cached forward pass.
@@ -186,7 +192,9 @@ def attention_view(
         heads: Head index or indices (default: every head).
         window: Which positions to show; see :func:`choose_window`.
         row: Batch row.
-        max_tokens: Size limit of the automatic window.
+        max_tokens: Size limit of the automatic window (default: as many tokens as
+            keep layers x heads x tokens^2 near ``DEFAULT_CELL_BUDGET``, between 16
+            and 96, so the view renders in a few seconds).
         id_prefix: Fixed prefix of element ids (one view per layer: ``{id_prefix}-L{l}``).
 
     Returns:
@@ -210,6 +218,9 @@ def attention_view(
     n_heads = stacked.shape[1]
     head_list = _as_list(heads, default=list(range(n_heads)), bound=n_heads, what="head")
     stacked = stacked[:, head_list]
+    if max_tokens is None:
+        per_view = len(layer_list) * len(head_list)
+        max_tokens = max(MIN_AUTO_TOKENS, min(DEFAULT_MAX_TOKENS, int((DEFAULT_CELL_BUDGET / per_view) ** 0.5)))
     positions = choose_window(layout, row, window, stacked, max_tokens)
     window_tokens = [tokens[p] for p in positions.tolist()]
     view = HTMLView("", needs_circuitsvis=True, title="vlens attention")

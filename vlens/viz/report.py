@@ -410,7 +410,9 @@ def _attention_section(ctx: _Context) -> Section:
 @_guarded("patterns", "Attention patterns", None)
 def _patterns_section(ctx: _Context) -> Section:
     n = ctx.model.n_layers
-    layers = list(ctx.attention_layers) if ctx.attention_layers else (list(range(n)) if n <= 4 else sorted({0, n // 2, n - 1}))
+    # Every layer of a small model; for a large one the middle layer, where text reads the image,
+    # so the view's window stays wide enough to be useful (see attention.DEFAULT_CELL_BUDGET).
+    layers = list(ctx.attention_layers) if ctx.attention_layers else (list(range(n)) if n <= 4 else [n // 2])
     view = attention_view(ctx.cache, ctx.tokens, layers=layers, id_prefix="vlens-attn")
     intro = (
         '<p class="caption">CircuitsVis attention heads (hover a thumbnail to zoom, click to lock). '
