@@ -91,3 +91,31 @@ def test_weight_processing_keeps_log_probs(tiny, photo):
     with torch.no_grad():
         diff = (model(inputs).log_softmax(-1) - processed(inputs).log_softmax(-1)).abs().max()
     assert float(diff) <= 1e-4
+
+
+def test_attention_scores_are_pre_softmax_and_pattern_edits_take_effect(tiny, photo):
+    import warnings
+
+    model, _ = tiny
+    inputs = model.prepare(photo, "what is in the image ?")
+    names = [
+        "qformer.layers.0.cross_attn.hook_attn_scores", "qformer.layers.0.cross_attn.hook_pattern",
+        "vision_encoder.encoder_layers.0.attn.hook_attn_scores", "vision_encoder.encoder_layers.0.attn.hook_pattern",
+    ]
+    with torch.no_grad():
+        clean, cache = model.run_with_cache(inputs, names_filter=names)
+    for stage in ("qformer.layers.0.cross_attn", "vision_encoder.encoder_layers.0.attn"):
+        scores, pattern = cache[f"{stage}.hook_attn_scores"], cache[f"{stage}.hook_pattern"]
+        assert torch.allclose(scores.softmax(-1), pattern, atol=1e-6) and not torch.allclose(scores, pattern)
+
+    def look_at_patch_one(pattern, hook):  # every query attends to the first patch only
+        edited = torch.zeros_like(pattern)
+        edited[..., 1] = 1.0
+        return edited
+
+    for name in ("qformer.layers.0.cross_attn.hook_pattern", "vision_encoder.encoder_layers.0.attn.hook_pattern"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # TransformerLens warns when a pattern edit is discarded
+            with torch.no_grad():
+                edited = model.run_with_hooks(inputs, fwd_hooks=[(name, look_at_patch_one)])
+        assert float((edited - clean).abs().max()) > 1e-3, name

@@ -27,10 +27,10 @@ tree of a BLIP model:
 ``embed``, ``blocks.{l}``, ``ln_final``, ``unembed``   the language model, with the
                                          names TransformerLens's OPT / Llama adapters give
 
-The vision and Q-Former attentions run inside the HF module, so their ``hook_pattern``
-is read-only (TransformerLens warns that an edit there is discarded; edit
-``hook_query_states``, ``hook_resid_*`` or q/k/v instead), and their
-``hook_attn_scores`` carries the same post-softmax weights (HF returns no scores).
+The vision and Q-Former attentions are computed in the bridge exactly as HF's eager
+BLIP attention computes them (tested equal), so their ``hook_attn_scores`` are the real
+pre-softmax scores and ``hook_pattern`` edits take effect (e.g. confining a query's
+cross-attention to a region of the image).
 """
 
 from __future__ import annotations
@@ -81,10 +81,49 @@ def _delegate(component: GeneralizedComponent, hidden_states: torch.Tensor, *arg
 
 
 class BlipAttentionBridge(AttentionBridge):
-    """An attention that delegates to the HF module (its pattern comes from HF's eager
-    weights) and has no pre-norm residual fork, so no ``hook_attn_in``/``hook_*_input``."""
+    """BLIP's eager attention computed in the bridge, op for op as Hugging Face's
+    ``eager_attention_forward`` for BLIP (scores = q k^T * scale [+ mask], softmax in the
+    input dtype, no upcast), so ``hook_attn_scores`` holds the real pre-softmax scores and
+    an edit made at ``hook_pattern`` re-weights the output. Any other attention
+    implementation is delegated to the HF module (patterns then read-only). No pre-norm
+    residual fork, so no ``hook_attn_in``/``hook_*_input``.
+    """
 
     supports_split_qkv_fork = False
+
+    def _eager(self) -> bool:
+        config = getattr(self.original_component, "config", None)
+        return getattr(config, "_attn_implementation", "eager") == "eager"
+
+    def _attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float, mask: Optional[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """[batch, head, pos, d_head] q/k/v -> ([batch, pos, head * d_head] output, pattern)."""
+        scores = torch.matmul(q, k.transpose(-1, -2)) * scaling
+        if mask is not None:
+            scores = scores + mask
+        scores = self.hook_attn_scores(scores)
+        pattern = torch.nn.functional.softmax(scores, dim=-1)
+        hf = self.original_component
+        pattern = torch.nn.functional.dropout(pattern, p=float(hf.attention_dropout), training=hf.training)
+        pattern = self.hook_pattern(pattern)
+        out = torch.matmul(pattern, v).transpose(1, 2).contiguous()
+        return out.reshape(*out.shape[:2], -1).contiguous(), pattern
+
+
+class BlipVisionAttentionBridge(BlipAttentionBridge):
+    """The ViT's attention: one fused ``qkv`` projection, then ``projection`` (``o``)."""
+
+    def forward(self, hidden_states: torch.Tensor, **kwargs: Any) -> Any:
+        if not self._eager():
+            return super().forward(hidden_states, **kwargs)
+        hf = self.original_component
+        hidden_states = self.hook_in(hidden_states)
+        batch, pos, width = hidden_states.shape
+        mixed = self.qkv(hidden_states).reshape(batch, pos, 3, hf.num_heads, width // hf.num_heads)
+        q, k, v = mixed.permute(2, 0, 3, 1, 4)
+        out, pattern = self._attend(q, k, v, hf.scale, None)
+        return self.hook_out(self.o(out)), pattern
 
 
 class BlipVisionLayerBridge(GeneralizedComponent):
@@ -104,7 +143,7 @@ class BlipVisionLayerBridge(GeneralizedComponent):
             attn_config,
             submodules={
                 "ln1": NormalizationBridge(name="layer_norm1", config=attn_config, use_native_layernorm_autograd=True),
-                "attn": BlipAttentionBridge(
+                "attn": BlipVisionAttentionBridge(
                     name="self_attn",
                     config=attn_config,
                     fused_qkv=True,
@@ -157,6 +196,31 @@ class QFormerAttentionBridge(BlipAttentionBridge):
     For cross-attention the keys and values are the image's [CLS + patches]."""
 
     hook_aliases = {"hook_q": "q.hook_out", "hook_k": "k.hook_out", "hook_v": "v.hook_out"}
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        encoder_hidden_states: Optional[torch.Tensor] = None,
+        encoder_attention_mask: Optional[torch.Tensor] = None,
+        **kwargs: Any,
+    ) -> Any:
+        if not self._eager():
+            return super().forward(
+                hidden_states=hidden_states, attention_mask=attention_mask,
+                encoder_hidden_states=encoder_hidden_states, encoder_attention_mask=encoder_attention_mask, **kwargs,
+            )
+        hf = self.original_component
+        hidden_states = self.hook_in(hidden_states)
+        cross = encoder_hidden_states is not None
+        source = encoder_hidden_states if cross else hidden_states
+        mask = encoder_attention_mask if cross else attention_mask
+        d_head = hf.attention_head_size
+        q = self.q(hidden_states).view(*hidden_states.shape[:-1], -1, d_head).transpose(1, 2)
+        k = self.k(source).view(*source.shape[:-1], -1, d_head).transpose(1, 2)
+        v = self.v(source).view(*source.shape[:-1], -1, d_head).transpose(1, 2)
+        out, pattern = self._attend(q, k, v, hf.scaling, mask)
+        return self.hook_out(out), pattern
 
 
 class QFormerLayerBridge(GeneralizedComponent):
