@@ -18,6 +18,7 @@ from vlens.errors import AnalysisInputError
 from vlens.viz._mpl import colormap, new_figure
 
 Decoder = Union[Callable[[int], str], Any]
+MAX_WORD = 8  # characters of a word drawn in a cell
 
 
 def decoder(tokenizer_or_fn: Decoder) -> Callable[[int], str]:
@@ -114,7 +115,7 @@ def lens_panel(
     layers: Optional[Sequence[int]] = None,
     max_layers: int = 6,
     ncols: Optional[int] = None,
-    panel_size: float = 3.2,
+    panel_size: Optional[float] = None,
     cmap: str = "Blues",
 ) -> Any:
     """A matplotlib figure: the lens's top-1 word of every visual token, per layer.
@@ -127,7 +128,8 @@ def lens_panel(
         layers: Indices along the result's layer axis (default: up to ``max_layers``
             evenly spaced, embeddings and last layer included).
         ncols: Panels per figure row (default: one row for up to 4 panels, else 3).
-        panel_size: Inches per panel.
+        panel_size: Inches per panel (default: 3.2, more for grids wider than 11
+            tokens, so each word keeps a legible size).
         cmap: Colour map of the top-1 probability.
     """
     all_layers, words, probs, (rows, cols), on_grid = lens_grid(result, layout, decode, row=row, image=image)
@@ -135,6 +137,8 @@ def lens_panel(
     bad = [l for l in chosen if not 0 <= l < len(all_layers)]
     if bad:
         raise AnalysisInputError(f"layers {bad} out of range: the lens result has {len(all_layers)} layers")
+    if panel_size is None:
+        panel_size = max(3.2, 0.3 * max(rows, cols))
     if ncols is None:
         ncols = len(chosen) if len(chosen) <= 4 else 3
     ncols = max(1, min(ncols, len(chosen)))
@@ -153,6 +157,8 @@ def lens_panel(
                 word = words[l, r, c]
                 if not word:
                     continue
+                if len(word) > MAX_WORD:  # keep cells legible; the data files hold every word whole
+                    word = word[: MAX_WORD - 1] + "…"
                 size = max(2.5, min(9.0, cell_pt * 0.85 / max(1.0, 0.62 * len(word))))
                 ax.text(c, r, word, ha="center", va="center", fontsize=size, color="black", clip_on=True)
         ax.set_xticks([])
