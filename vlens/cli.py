@@ -506,7 +506,13 @@ def contributions(setup: _Setup, method: str, top: int, figure: Optional[str], d
 
 @main.group(cls=_Group)
 def convert() -> None:
-    """Convert checkpoints of other layouts into ones vlens loads."""
+    """Convert checkpoints of other layouts into ones vlens loads.
+
+    \b
+    Example:
+      vlens convert minigpt4 --minigpt4 pretrained_minigpt4_7b.pth --blip2 ./blip2-opt-2.7b \\
+          --vicuna ./vicuna-7b --out ./minigpt4-7b
+    """
 
 
 @convert.command("minigpt4")

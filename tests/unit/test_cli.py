@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from vlens.cli import main
 
-COMMANDS = ["report", "info", "lens", "similarity", "attention", "count-curve", "contributions", "convert minigpt4"]
+COMMANDS = ["report", "info", "lens", "similarity", "attention", "count-curve", "contributions", "convert", "convert minigpt4"]
 
 
 @pytest.fixture(scope="module")
