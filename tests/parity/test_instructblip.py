@@ -95,3 +95,16 @@ def test_greedy_generate_equals_hf(tiny, photo):
 def test_language_model_alone_on_input_embeddings(tiny, photo):
     model, _ = tiny
     assert_language_model_alone_matches(model, model.prepare(photo, "what is in the image ?", answer="a cat"))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_equals_hf_at_the_same_dtype(tiny, photo, dtype):
+    model, _ = tiny
+    half = HookedVLM.from_pretrained(model.name, device="cpu", dtype=dtype)
+    reference = type(model.hf_model).from_pretrained(model.name, dtype=dtype, attn_implementation="eager").eval()
+    inputs = half.prepare(photo, "what is in the image ?", answer="a cat")
+    with torch.no_grad():
+        got = half(inputs)
+        expected = reference(**inputs.to("cpu", dtype=dtype).model_kwargs()).logits
+    assert got.dtype == dtype and float((got.float() - expected.float()).abs().max()) == 0.0
+    assert inputs.layout.images[0][0].query_attention.dtype == torch.float32
