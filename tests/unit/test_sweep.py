@@ -145,7 +145,8 @@ def test_memory_estimate_and_budget(llava_model, scenes, tmp_path):
     assert cached.total > stream.total and cached.weights == stream.weights > 0
     assert cached.analyses["attention_to_image"] > stream.analyses["attention_to_image"]
     assert "weights" in str(stream)
-    with pytest.raises(MemoryBudgetError, match=r"needs an estimated .* budget is 100\.0 KiB.*attention_to_image"):
+    refused = r"needs an estimated .* budget is 100\.0 KiB.*Non-streaming \(stream=False\) analyses: attention_to_image"
+    with pytest.raises(MemoryBudgetError, match=refused):
         sweep.run(llava_model, scenes, tmp_path / "m", ["attention_to_image"],
                   params={"attention_to_image": {"stream": False}}, memory_budget="100KB", progress=False)
     assert not (tmp_path / "m" / "shards").exists()  # refused before any batch ran

@@ -395,6 +395,7 @@ class TokenCountCurve(SweepAnalysis):
         layout = batch.layout
         out = []
         embeds = None
+        per_token = getattr(model.adapter, "per_token_inputs", ())  # e.g. Gemma3's token_type_ids
         with torch.no_grad():
             for r in range(batch.size):
                 img = batch.image_positions(r)
@@ -413,11 +414,14 @@ class TokenCountCurve(SweepAnalysis):
                         kept = keep.nonzero().flatten()
                         new_index = torch.cumsum(keep.long(), 0) - 1  # old position -> new position
                         pred = new_index[answer] - 1  # the position that predicts each answer token
+                        extras = {k: batch.inputs.extras[k][r : r + 1, kept.to(batch.inputs.extras[k].device)]
+                                  for k in per_token if k in batch.inputs.extras}
                         logits, _ = model.run_language_model(
                             embeds[r : r + 1, kept.to(embeds.device)],
                             attention_mask=torch.ones(1, kept.numel(), dtype=torch.long, device=embeds.device),
                             position_ids=torch.arange(kept.numel(), device=embeds.device)[None],
                             logits_to_keep=pred.to(embeds.device),
+                            extras=extras or None,
                         )
                         lp = torch.log_softmax(logits[0].float(), -1)
                         target = ids[answer].to(lp.device)

@@ -30,6 +30,7 @@ class MemoryEstimate:
         forward: One forward pass of the batch (activations, attention scores, logits).
         analyses: Per analysis, what it adds (cached activations for ``stream=False``).
         batch_size, seq_len, n_image_tokens: The batch shape estimated for.
+        cached: The analyses in their cache (non-streaming) form.
     """
 
     weights: int
@@ -38,6 +39,7 @@ class MemoryEstimate:
     batch_size: int
     seq_len: int
     n_image_tokens: int
+    cached: tuple[str, ...] = ()
 
     @property
     def total(self) -> int:
@@ -141,7 +143,7 @@ def estimate_memory(model: Any, analyses: Sequence[Any], batch_size: int, seq_le
             extra += cache_bytes(model, a.hook_names(model), batch_size, seq_len)
         per[a.name] = int(extra)
     return MemoryEstimate(model_bytes(model), forward_bytes(model, batch_size, seq_len), per, batch_size, seq_len,
-                          n_image_tokens)
+                          n_image_tokens, tuple(a.name for a in analyses if not a.stream))
 
 
 def check_budget(estimate: MemoryEstimate, budget: Optional[float], device: torch.device) -> float:
@@ -152,10 +154,13 @@ def check_budget(estimate: MemoryEstimate, budget: Optional[float], device: torc
     if budget is None:
         budget = estimate.weights + available_bytes(device)
     if estimate.total > budget:
-        cached = [k for k, v in estimate.analyses.items() if v == max(estimate.analyses.values(), default=0)]
+        parts = {"the weights": estimate.weights, "the forward pass": estimate.forward, **estimate.analyses}
+        largest = max(parts, key=parts.get)
+        cached = ", ".join(f"{a} ({fmt_bytes(estimate.analyses[a])})" for a in estimate.cached)
         raise MemoryBudgetError(
             f"this sweep needs an estimated {estimate} but the budget is {fmt_bytes(budget)}. "
-            f"Largest part: {cached[0] if cached else 'the forward pass'}. Use the streaming form "
-            "(stream=True) of every analysis, a smaller batch_size, or a larger memory_budget."
+            f"Largest part: {largest} ({fmt_bytes(parts[largest])}). "
+            + (f"Non-streaming (stream=False) analyses: {cached}; use their streaming form, " if cached else "Use ")
+            + "a smaller batch_size, or a larger memory_budget."
         )
     return budget
