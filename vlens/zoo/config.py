@@ -85,12 +85,12 @@ def recipe_config(scale: Scale) -> RecipeConfig:
     if scale == "full":
         return RecipeConfig(
             arch=Architecture(),
-            pool_size=24_000,
-            eval_size=600,
-            vision=StageSchedule(steps=2000, batch_size=64, lr=2e-3),
-            text=StageSchedule(steps=600, batch_size=64, lr=1e-3),
-            align=StageSchedule(steps=450, batch_size=48, lr=1e-3),
-            instruct=StageSchedule(steps=1100, batch_size=48, lr=5e-4),
+            pool_size=16_000,
+            eval_size=300,
+            vision=StageSchedule(steps=1000, batch_size=64, lr=2e-3),
+            text=StageSchedule(steps=400, batch_size=64, lr=1e-3),
+            align=StageSchedule(steps=300, batch_size=48, lr=1e-3),
+            instruct=StageSchedule(steps=800, batch_size=48, lr=5e-4),
         )
     if scale == "tiny":
         return RecipeConfig(
