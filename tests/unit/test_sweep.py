@@ -220,3 +220,35 @@ def test_click_command_passes_arguments_through(swept):
     result = CliRunner().invoke(group, ["sweep", "--out", str(swept[0]), "--summarize-only"])
     assert result.exit_code == 0 and "5 examples" in result.output
     assert CliRunner().invoke(group, ["sweep", "--help"]).output.startswith("usage: vlens sweep")
+
+
+def test_lens_labels_image_tokens_from_boxes(llava_model):
+    from vlens.sweep.analyses import Batch, LogitLens
+
+    img = PIL_image(28, 28)
+    ex = Example("e", img, "what is in the image ?", objects=("cat", "dog", "zebra"),
+                 boxes=((0, 0, 14, 28), (0, 0, 28, 28), (14, 14, 14, 14)))
+    inputs = llava_model.prepare(img, ex.prompt)
+    lens = LogitLens(k=2)
+    lens.start(llava_model, Batch(inputs, [ex], [img]))
+    tok = llava_model.tokenizer
+    cat, dog = tok.convert_tokens_to_ids("cat"), tok.convert_tokens_to_ids("dog")
+    span = inputs.layout.images[0][0]
+    # The smallest box holding a patch's centre names it; 'zebra' is <unk>, so its patches get no label.
+    want = [-1 if (r >= 2 and c >= 2) else cat if c < 2 else dog for r, c in span.row_col.tolist()]
+    assert lens.labels[0].tolist() == want
+    assert lens.objects[0].tolist() == sorted([cat, dog])
+
+
+def test_model_by_path_with_device_map(llava_dir, scenes, tmp_path):
+    report = sweep.run(llava_dir, scenes, tmp_path / "dm", ["attention_to_image"], device_map={"": "cpu"},
+                       progress=False)
+    assert report.processed == 5
+    prov = json.loads((tmp_path / "dm" / "provenance.json").read_text())
+    assert prov["model"]["name"] == str(llava_dir.resolve())
+
+
+def PIL_image(w: int, h: int):
+    import PIL.Image
+
+    return PIL.Image.new("RGB", (w, h), (120, 60, 30))
