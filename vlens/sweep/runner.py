@@ -183,8 +183,10 @@ def run(
 
     Rerunning the same call resumes: finished examples are skipped. Launched with
     ``accelerate launch --num_processes N`` (on CPU-only machines add ``--multi_gpu`` so
-    accelerate starts N processes), the processes share the work and together write
-    exactly the rows of a one-process run.
+    accelerate starts N processes; several machines through accelerate's usual
+    ``--num_machines``/``--machine_rank``/``--main_process_ip`` configuration, with ``out``
+    on a shared file system), the processes share the work and together write exactly the
+    rows of a one-process run. Do not start two independent sweeps into one folder at once.
 
     Args:
         model: A ``HookedVLM``, or a name/path each process loads (with ``device``,
