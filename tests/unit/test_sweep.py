@@ -9,7 +9,6 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from vlens import sweep
 from vlens.data import Example, ExampleSet, load_jsonl, load_scenes
@@ -168,7 +167,8 @@ def test_unreadable_image_skipped_and_reported(llava_model, tmp_path):
                        progress=False)
     assert report.errors == 1
     rows = sweep.load_results(tmp_path / "lenient")
-    assert list(rows["example_id"]) == ["good", "bad"] and pd.isna(rows["error"][0]) and "cannot be read" in rows["error"][1]
+    assert list(rows["example_id"]) == ["good", "bad"]
+    assert pd.isna(rows["error"][0]) and "cannot be read" in rows["error"][1]
     skipped = {s.id: s.reason for s in report.summary.skipped}
     assert set(skipped) == {"line 3 (id 'gone')", "bad"} and "does not exist" in skipped["line 3 (id 'gone')"]
     assert report.summary.n_examples == 1

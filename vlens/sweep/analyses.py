@@ -385,7 +385,8 @@ class TokenCountCurve(SweepAnalysis):
         super().__init__(stream)
         fr = tuple(float(f) for f in fractions)
         if not fr or any(not 0.0 <= f <= 1.0 for f in fr) or list(fr) != sorted(set(fr)):
-            raise AnalysisInputError(f"{self.name}: fractions must be increasing, distinct, in [0, 1]; got {fractions!r}")
+            raise AnalysisInputError(
+                f"{self.name}: fractions must be increasing, distinct, in [0, 1]; got {fractions!r}")
         self.fractions = fr
 
     def params(self) -> dict[str, Any]:
