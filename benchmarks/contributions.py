@@ -1,0 +1,91 @@
+"""token_contributions: drop with a shared prefix against one forward per token, and the
+cost of the gradient estimate in forwards.
+
+On the medium random LLaVA at 336 px (576 image tokens), side by side in one process:
+
+* ``method="drop"`` over all 576 image tokens (prefix before each dropped token
+  shared, suffixes batched);
+* the same losses with one full language-model forward per dropped token
+  (``engine="naive"``). Every such forward has the same length, so by default it runs
+  on ``--naive-tokens`` evenly spread tokens and the per-token time is scaled to 576
+  (``--naive-tokens 0`` runs all of them);
+* ``method="gradient"`` against one plain forward of the whole model (vision included).
+
+Usage: python -m benchmarks.contributions [--threads 2] [--naive-tokens 96] [--model-dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--naive-tokens", type=int, default=96, help="0: time the naive loop over every token")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--image-size", type=int, default=336)
+    parser.add_argument("--model-dir", type=Path, default=None, help="reuse/keep the random checkpoint here")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from benchmarks._models import ANSWER, QUESTION, bench_image, build_medium_llava
+    from vlens import HookedVLM
+    from vlens import analysis as va
+    from vlens.analysis.knockout import row_problems, variant_losses
+
+    folder = args.model_dir or Path(tempfile.mkdtemp()) / "medium_llava"
+    build_medium_llava(folder, image_size=args.image_size)
+    model = HookedVLM.from_pretrained(folder, device="cpu")
+    inputs = model.prepare(bench_image(), QUESTION, answer=ANSWER)
+    n_img = int(inputs.layout.image_mask.sum())
+    print(f"sequence: {inputs.input_ids.shape[1]} tokens, {n_img} image tokens, {args.threads} threads")
+
+    with torch.inference_mode():
+        model(inputs)  # warm-up
+        forwards = []
+        for _ in range(5):
+            start = time.perf_counter()
+            model(inputs)
+            forwards.append(time.perf_counter() - start)
+        forward = statistics.median(forwards)
+
+        start = time.perf_counter()
+        drop = va.token_contributions(model, inputs, method="drop", batch_size=args.batch_size)
+        t_drop = time.perf_counter() - start
+
+        (problem,) = row_problems(model, inputs, "benchmark")
+        chosen = torch.arange(n_img) if args.naive_tokens <= 0 else torch.linspace(0, n_img - 1, args.naive_tokens).round().long()
+        keeps = torch.ones(len(chosen), problem.ids.shape[0], dtype=torch.bool)
+        keeps[torch.arange(len(chosen)), problem.image[chosen]] = False
+        start = time.perf_counter()
+        naive_losses = variant_losses(model, problem, keeps, engine="naive")
+        t_naive_part = time.perf_counter() - start
+        t_naive = t_naive_part * n_img / len(chosen)
+        diff = float((naive_losses - float(drop.full_loss) - drop.delta_loss[chosen]).abs().max())
+
+    grads = []
+    for _ in range(3):
+        start = time.perf_counter()
+        grad = va.token_contributions(model, inputs, method="gradient")
+        grads.append(time.perf_counter() - start)
+    t_grad = statistics.median(grads)
+
+    print(f"one forward of the whole model      {forward:7.3f} s (median of 5)")
+    print(f"drop, shared prefix (576 tokens)    {t_drop:7.2f} s")
+    print(f"drop, one forward per token         {t_naive:7.2f} s  ({len(chosen)} timed: {t_naive_part:.2f} s, scaled)")
+    print(f"speed-up naive/kv: {t_naive / t_drop:.2f}x (target >= 1.7x); max |delta_kv - delta_naive| = {diff:.2e}")
+    print(f"gradient (forward + backward)       {t_grad:7.3f} s = {t_grad / forward:.2f} forwards (target <= 3)")
+    a, b = drop.delta_loss.double(), grad.delta_loss.double()
+    ra, rb = a.argsort().argsort().double(), b.argsort().argsort().double()
+    print(f"Spearman(drop, gradient) over {n_img} tokens: {float(torch.corrcoef(torch.stack([ra, rb]))[0, 1]):+.3f}")
+
+
+if __name__ == "__main__":
+    main()

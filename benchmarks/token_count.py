@@ -1,0 +1,78 @@
+"""token_count_curve: key/value prefix reuse against one forward per count.
+
+On the medium random LLaVA at 336 px (576 image tokens after a LLaVA-1.5-style system
+prompt, ~40 question and answer tokens after them), times
+``token_count_curve(counts=0..576 step 8, order="raster")`` with ``method="kv"`` and
+``method="naive"`` (one full language-model forward per count; both compute only the
+logits the loss reads) side by side in one process, after a warm-up, and prints the
+ratio and the largest loss difference.
+
+Usage: python -m benchmarks.token_count [--threads 2] [--step 8] [--repeats 2] [--model-dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--step", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs of each method (best is reported)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--image-size", type=int, default=336)
+    parser.add_argument("--model-dir", type=Path, default=None, help="reuse/keep the random checkpoint here")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from benchmarks._models import ANSWER, QUESTION, bench_image, build_medium_llava
+    from vlens import HookedVLM
+    from vlens import analysis as va
+
+    folder = args.model_dir or Path(tempfile.mkdtemp()) / "medium_llava"
+    build_medium_llava(folder, image_size=args.image_size)
+    model = HookedVLM.from_pretrained(folder, device="cpu")
+    inputs = model.prepare(bench_image(), QUESTION, answer=ANSWER)
+    layout = inputs.layout
+    n_img = int(layout.image_mask.sum())
+    counts = list(range(0, n_img + 1, args.step))
+    if counts[-1] != n_img:
+        counts.append(n_img)
+    print(
+        f"sequence: {inputs.input_ids.shape[1]} tokens = {int(layout.prefix_mask.sum())} prefix + {n_img} image + "
+        f"{int(layout.instruction_mask.sum())} instruction + {int(layout.answer_mask.sum())} answer; "
+        f"{len(counts)} counts, {args.threads} threads"
+    )
+
+    def run(method: str):
+        start = time.perf_counter()
+        result = va.token_count_curve(model, inputs, counts=counts, method=method, batch_size=args.batch_size)
+        return time.perf_counter() - start, result
+
+    with torch.inference_mode():
+        va.token_count_curve(model, inputs, counts=[0, n_img // 2, n_img], method="kv")  # warm-up
+        va.token_count_curve(model, inputs, counts=[0, n_img // 2, n_img], method="naive")
+        times: dict[str, list[float]] = {"kv": [], "naive": []}
+        results = {}
+        for _ in range(args.repeats):
+            for method in ("kv", "naive"):
+                seconds, results[method] = run(method)
+                times[method].append(seconds)
+                print(f"  {method:5s} {seconds:7.2f} s")
+    kv, naive = min(times["kv"]), min(times["naive"])
+    diff = float((results["kv"].loss - results["naive"].loss).abs().max())
+    print(f"kv     best {kv:7.2f} s")
+    print(f"naive  best {naive:7.2f} s")
+    print(f"speed-up naive/kv: {naive / kv:.2f}x (target >= 6x); max |loss_kv - loss_naive| = {diff:.2e} (<= 1e-4)")
+    print(f"loss at 0, {n_img // 2}, {n_img} tokens: "
+          f"{results['kv'].loss[0]:.4f}, {results['kv'].loss[len(counts) // 2]:.4f}, {results['kv'].loss[-1]:.4f}")
+
+
+if __name__ == "__main__":
+    main()
