@@ -17,6 +17,7 @@ embeddings; ``n_layers`` for attention: one per block).
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional, Sequence
@@ -239,6 +240,23 @@ class AttentionToImage(SweepAnalysis):
 # ---- logit lens ---------------------------------------------------------------------
 
 
+def _fp32_readout(model: Any) -> tuple[Any, Any]:
+    """The language model's final norm and unembedding, computing in float32 (as the lens does)."""
+    norm = model.bridge.ln_final.original_component
+    params = list(norm.parameters())
+    if params and params[0].dtype != torch.float32:
+        norm = copy.deepcopy(norm).float()
+    head = model.hf_model.get_output_embeddings()
+    weight = head.weight.detach().float()
+    bias = None if getattr(head, "bias", None) is None else head.bias.detach().float()
+
+    def unembed(x: Tensor) -> Tensor:
+        return torch.nn.functional.linear(x.float().to(weight.device), weight, bias)
+
+    device = params[0].device if params else None  # with a device_map, layers live on several devices
+    return (lambda x: norm(x.float().to(device)).float()), unembed
+
+
 class LogitLens(SweepAnalysis):
     """The logit lens on the image tokens (``vlens.analysis.logit_lens``), reduced to rates.
 
@@ -281,10 +299,9 @@ class LogitLens(SweepAnalysis):
         return cache[word]
 
     def start(self, model: Any, batch: Batch) -> None:
-        from vlens.analysis._common import fp32_final_norm, fp32_unembed  # the lens's own float32 read-out
-
-        if not hasattr(self, "_norm"):
-            self._norm, self._unembed = fp32_final_norm(model), fp32_unembed(model)
+        if getattr(self, "_model", None) is not model:
+            self._model = model
+            self._norm, self._unembed = _fp32_readout(model)
         n = model.n_layers + 1
         self.layer_of = {h: i for i, h in enumerate(resid_hooks(model.n_layers))}
         self.img = [batch.image_positions(r) for r in range(batch.size)]
