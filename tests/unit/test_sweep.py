@@ -252,3 +252,20 @@ def PIL_image(w: int, h: int):
     import PIL.Image
 
     return PIL.Image.new("RGB", (w, h), (120, 60, 30))
+
+
+def test_sweep_starts_no_process_and_opens_no_connection(llava_model, scenes, tmp_path, monkeypatch):
+    import os
+    import socket
+    import subprocess
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"vlens.sweep tried to start a process or open a connection: {args[:2]!r}")
+
+    for module, names in ((subprocess, ("Popen", "run")), (os, ("system", "fork", "posix_spawn", "execv")),
+                          (socket, ("create_connection",)), (socket.socket, ("connect",))):
+        for name in names:
+            if hasattr(module, name):
+                monkeypatch.setattr(module, name, refuse)
+    report = sweep.run(llava_model, scenes, tmp_path / "quiet", ALL, batch_size=3, progress=True)
+    assert report.processed == 5 and report.summary.figures
