@@ -31,10 +31,10 @@ class Architecture:
     vision_layers: int = 4
     vision_heads: int = 4
     vision_mlp: int = 512
-    text_width: int = 128
+    text_width: int = 96
     text_layers: int = 8
     text_heads: int = 4
-    text_mlp: int = 384
+    text_mlp: int = 256
 
     @property
     def grid(self) -> int:
