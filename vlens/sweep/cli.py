@@ -115,7 +115,6 @@ def load_data(args: argparse.Namespace) -> Any:
 
 def run_from_args(args: argparse.Namespace) -> int:
     """Run (or only summarize) the sweep the parsed options describe; returns an exit code."""
-    from vlens.sweep.memory import fmt_bytes
     from vlens.sweep.runner import run
     from vlens.sweep.summary import summarize
 
@@ -125,6 +124,14 @@ def run_from_args(args: argparse.Namespace) -> int:
         return 0
     if not args.model:
         raise SweepConfigError("--model is required (e.g. --model toy)")
+    import logging
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("vlens sweep: %(message)s"))
+    logger = logging.getLogger("vlens.sweep")
+    if not logger.handlers:
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
     device_map = args.device_map
     if device_map and device_map.startswith("{"):
         device_map = json.loads(device_map)
@@ -136,8 +143,6 @@ def run_from_args(args: argparse.Namespace) -> int:
         memory_budget=args.memory_budget, progress=not args.no_progress, summarize=not args.no_summary,
     )
     if report.summary is not None:
-        if report.estimate is not None:
-            print(f"memory estimate: {report.estimate} (peak ~{fmt_bytes(report.estimate.total)})")
         _print_summary(report.summary, args.out)
     return 0
 

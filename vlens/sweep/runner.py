@@ -10,6 +10,7 @@ processes with accelerate's ``PartialState.split_between_processes``.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import sys
@@ -24,7 +25,9 @@ from vlens.data.loaders import Example, ExampleSet
 from vlens.errors import DatasetError, SweepConfigError
 from vlens.sweep import store
 from vlens.sweep.analyses import DEFAULT_ANALYSES, Batch, SweepAnalysis, _tensor, build_analyses
-from vlens.sweep.memory import MemoryEstimate, check_budget, estimate_memory, parse_bytes
+from vlens.sweep.memory import MemoryEstimate, check_budget, estimate_memory, fmt_bytes, parse_bytes
+
+log = logging.getLogger("vlens.sweep")
 
 
 @dataclass(frozen=True)
@@ -247,6 +250,9 @@ def run(
     if mine:
         estimate = _estimate(model, built, data, mine[0][1], chat_template)
         budget = check_budget(estimate, budget, model.device)
+        if state.is_main_process:
+            log.info("memory estimate %s, budget %s; %d of %d examples to do (%d already in %s)", estimate,
+                     fmt_bytes(budget), len(ids) - len(done), len(ids), len(done), out)
         run_token = store.new_run_token()
         bar = _progress(sum(len(p[1]) for p in mine), progress and state.is_main_process, state.num_processes)
         for unit, indices in mine:
