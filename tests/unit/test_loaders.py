@@ -245,3 +245,15 @@ def test_example_set_from_examples_rejects_duplicates():
         ExampleSet.from_examples([Example("a", img, "p"), Example("a", img, "q")])
     data = ExampleSet.from_examples([Example("a", img, "p")], skipped=[Skipped("b", "why")])
     assert data.describe()["size"] == 1 and data.describe()["skipped_at_load"] == 1 and data[-1].id == "a"
+
+
+def test_hf_undecodable_image_names_the_example():
+    datasets = pytest.importorskip("datasets")
+    broken = (IMAGES / "broken.png").read_bytes()
+    data = datasets.Dataset.from_dict(
+        {"image": [{"bytes": broken, "path": None}], "prompt": ["p"]},
+        features=datasets.Features({"image": datasets.Image(), "prompt": datasets.Value("string")}),
+    )
+    with pytest.raises(DatasetError, match="example '0': row 0: the image does not decode") as info:
+        load_hf_dataset(data, prompt_column="prompt")[0]
+    assert info.value.record == "0"

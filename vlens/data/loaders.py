@@ -515,7 +515,11 @@ def load_hf_dataset(
 
     def get(k: int) -> Example:
         row, rid, text, ans, objects, boxes = unique[k]
-        value = images[row][image_column]
+        try:
+            value = images[row][image_column]  # decodes an Image feature
+        except Exception as exc:  # datasets/PIL raise many types for undecodable bytes
+            reason = f"row {row}: the image does not decode: {type(exc).__name__}: {exc}"
+            raise DatasetError(f"example {rid!r}: {reason}", rid, reason) from exc
         if isinstance(value, str):
             value = Path(value)
         if not isinstance(value, (PIL.Image.Image, Path)):
