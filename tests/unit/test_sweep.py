@@ -269,3 +269,16 @@ def test_sweep_starts_no_process_and_opens_no_connection(llava_model, scenes, tm
                 monkeypatch.setattr(module, name, refuse)
     report = sweep.run(llava_model, scenes, tmp_path / "quiet", ALL, batch_size=3, progress=True)
     assert report.processed == 5 and report.summary.figures
+
+
+def test_example_the_processor_refuses_is_skipped_and_reported(llava_model, scenes, tmp_path):
+    img = scenes[0].image
+    data = [Example("fine", img, "what is in the image ?"), Example("two-images", img, "<image> <image> what ?"),
+            Example("also-fine", img, "describe the image .")]
+    with pytest.raises(Exception, match="image"):
+        sweep.run(llava_model, data, tmp_path / "strict", ["attention_to_image"], progress=False)
+    report = sweep.run(llava_model, data, tmp_path / "lenient", ["attention_to_image"], skip_bad=True,
+                       progress=False)
+    rows = sweep.load_results(tmp_path / "lenient")
+    assert report.errors == 1 and list(rows["example_id"]) == ["fine", "two-images", "also-fine"]
+    assert rows["error"][1].startswith("cannot be prepared") and report.summary.n_examples == 2

@@ -22,7 +22,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 
 from vlens.data.loaders import Example, ExampleSet
-from vlens.errors import DatasetError, SweepConfigError
+from vlens.errors import DatasetError, SweepConfigError, VLensError
 from vlens.sweep import store
 from vlens.sweep.analyses import DEFAULT_ANALYSES, Batch, SweepAnalysis, _tensor, build_analyses
 from vlens.sweep.memory import MemoryEstimate, check_budget, estimate_memory, fmt_bytes, parse_bytes
@@ -112,9 +112,8 @@ def _process(model: Any, analyses: list[SweepAnalysis], data: ExampleSet, indice
         else:
             good.append((i, ex, image))
     batch = None
+    good, inputs = _prepare(model, good, rows, skip_bad, chat_template)
     if good:
-        inputs = model.prepare([g[2] for g in good], [g[1].prompt for g in good],
-                               answer=[g[1].answer for g in good], chat_template=chat_template)
         batch = Batch(inputs, [g[1] for g in good], [g[2] for g in good])
         for a in analyses:
             a.start(model, batch)
@@ -148,6 +147,32 @@ def _process(model: Any, analyses: list[SweepAnalysis], data: ExampleSet, indice
                 row.update(cols[r])
             rows[i] = row
     return [rows[i] for i in indices], batch
+
+
+def _prepare(model: Any, good: list, rows: dict[int, dict[str, Any]], skip_bad: bool,
+             chat_template: bool) -> tuple[list, Any]:
+    """The batch's inputs. With skip_bad, examples the processor refuses become error rows
+    (found one by one) and the rest form the batch."""
+
+    def prepare(items: list) -> Any:
+        return model.prepare([g[2] for g in items], [g[1].prompt for g in items],
+                             answer=[g[1].answer for g in items], chat_template=chat_template)
+
+    if not good:
+        return good, None
+    try:
+        return good, prepare(good)
+    except VLensError:
+        if not skip_bad:
+            raise
+    kept = []
+    for g in good:
+        try:
+            prepare([g])
+            kept.append(g)
+        except VLensError as exc:
+            rows[g[0]] = _error_row(g[0], g[1].id, f"cannot be prepared: {type(exc).__name__}: {exc}")
+    return kept, (prepare(kept) if kept else None)
 
 
 def _answer_loss(logits: torch.Tensor, inputs: Any) -> list[float]:
@@ -248,7 +273,7 @@ def run(
     processed = errors = 0
     start = time.perf_counter()
     if mine:
-        estimate = _estimate(model, built, data, mine[0][1], chat_template)
+        estimate = _estimate(model, built, data, mine[0][1], skip_bad, chat_template)
         budget = check_budget(estimate, budget, model.device)
         if state.is_main_process:
             log.info("memory estimate %s, budget %s; %d of %d examples to do (%d already in %s)", estimate,
@@ -279,21 +304,18 @@ def run(
     return SweepReport(out, len(ids), len(done), processed, errors, estimate, seconds, summary)
 
 
-def _estimate(model: Any, analyses: list[SweepAnalysis], data: ExampleSet, indices: list[int],
+def _estimate(model: Any, analyses: list[SweepAnalysis], data: ExampleSet, indices: list[int], skip_bad: bool,
               chat_template: bool) -> MemoryEstimate:
     """Estimate from the layout of the first batch this process will run."""
-    images, prompts, answers = [], [], []
+    good = []
     for i in indices:
-        try:
-            ex = data[i]
-            images.append(ex.load_image())
-        except DatasetError:
-            continue  # reported when the batch runs
-        prompts.append(ex.prompt)
-        answers.append(ex.answer)
-    if not images:
+        ex, image, reason = _load(data, i, skip_bad)
+        if reason is None:
+            good.append((i, ex, image))
+    good, inputs = _prepare(model, good, {}, skip_bad, chat_template)
+    if inputs is None:
         return estimate_memory(model, analyses, len(indices), 1, 0)
-    layout = model.prepare(images, prompts, answer=answers, chat_template=chat_template).layout
+    layout = inputs.layout
     return estimate_memory(model, analyses, len(indices), layout.seq_len, int(layout.image_mask.sum(1).max()))
 
 
