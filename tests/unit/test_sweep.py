@@ -282,3 +282,10 @@ def test_example_the_processor_refuses_is_skipped_and_reported(llava_model, scen
     rows = sweep.load_results(tmp_path / "lenient")
     assert report.errors == 1 and list(rows["example_id"]) == ["fine", "two-images", "also-fine"]
     assert rows["error"][1].startswith("cannot be prepared") and report.summary.n_examples == 2
+
+
+def test_summary_count_curve_on_fractions(swept):
+    curves = sweep.summarize(swept[0], figures=False).curves
+    count = curves.query("analysis == 'token_count_curve' and field == 'loss'")
+    assert list(count["x_value"]) == [0.0, 0.25, 0.5, 0.75, 1.0] and (count["n"] == 5).all()
+    assert list(curves.query("analysis == 'attention_to_image' and field == 'mass'")["x_value"]) == [0.0, 1.0, 2.0]

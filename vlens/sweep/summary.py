@@ -23,7 +23,8 @@ class SweepSummary:
 
     Attributes:
         curves: One row per (analysis, field, x): ``x`` is the layer index for per-layer
-            fields (or the fraction index for ``token_count_curve``), ``mean``, ``ci_low``,
+            fields (or the fraction index for ``token_count_curve``), ``x_value`` the layer
+            index or the fraction of image tokens kept, ``mean``, ``ci_low``,
             ``ci_high`` (a ``confidence`` t-interval of the mean over examples; NaN values
             are left out), ``std`` and ``n``.
         scalars: The same for per-example scalars (``answer_loss``), ``x`` = 0.
@@ -88,12 +89,18 @@ def summarize(out: Union[str, Path], confidence: float = 0.95, figures: bool = T
         for x in range(len(stats_[0])):
             records.append((analysis, fld, x, *(float(s[x]) for s in stats_)))
     curves = pd.DataFrame(records, columns=CURVE_COLUMNS)
+    curves.insert(3, "x_value", curves["x"].astype(float))
+    fractions = {a["name"]: a["params"].get("fractions") for a in prov.get("analyses", [])}.get("token_count_curve")
+    count_rows = curves["analysis"] == "token_count_curve"
+    if fractions and count_rows.any():
+        curves.loc[count_rows, "x_value"] = [fractions[int(x)] for x in curves.loc[count_rows, "x"]]
     scalar_records = []
     for col in ("answer_loss",):
         if col in ok.columns:
             stats_ = mean_ci(ok[col].to_numpy(dtype=np.float64)[:, None], confidence)
             scalar_records.append(("sweep", col, 0, *(float(s[0]) for s in stats_)))
     scalars = pd.DataFrame(scalar_records, columns=CURVE_COLUMNS)
+    scalars.insert(3, "x_value", scalars["x"].astype(float))
     skipped_path = out / store.SKIPPED_AT_LOAD
     skipped = [Skipped(**s) for s in json.loads(skipped_path.read_text())] if skipped_path.is_file() else []
     if len(frame):
@@ -124,10 +131,10 @@ def _figures(curves: pd.DataFrame, folder: Path, prov: dict[str, Any]) -> list[P
         fig, axes = plt.subplots(1, len(fields), figsize=(4 * len(fields), 3.2), squeeze=False)
         for ax, fld in zip(axes[0], fields):
             g = group[group["field"] == fld]
-            ax.plot(g["x"], g["mean"], marker="o", ms=3)
-            ax.fill_between(g["x"], g["ci_low"], g["ci_high"], alpha=0.25)
+            ax.plot(g["x_value"], g["mean"], marker="o", ms=3)
+            ax.fill_between(g["x_value"], g["ci_low"], g["ci_high"], alpha=0.25)
             ax.set_title(fld)
-            ax.set_xlabel("fraction index" if analysis == "token_count_curve" else "layer")
+            ax.set_xlabel("fraction of image tokens kept" if analysis == "token_count_curve" else "layer")
             ax.grid(alpha=0.3)
         fig.suptitle(f"{analysis} (mean, CI; n={size})")
         fig.tight_layout()
