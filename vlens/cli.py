@@ -540,5 +540,20 @@ def convert_minigpt4_cmd(minigpt4_ckpt: str, blip2: str, vicuna: str, out: str) 
     click.echo(f"converted MiniGPT-4 checkpoint written to {written}")
 
 
+# ---- commands other modules provide ------------------------------------------------------
+
+
+def _attach_sweep() -> None:
+    """``vlens sweep`` (vlens.sweep.cli) when this installation has it."""
+    try:
+        from vlens.sweep.cli import sweep_command
+    except ImportError:
+        return
+    main.add_command(sweep_command)
+
+
+_attach_sweep()
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -181,3 +181,10 @@ def test_report_with_no_arguments_uses_the_toy_model(runner, tmp_path, monkeypat
     assert result.exit_code == 0, result.output
     assert (tmp_path / "vlens-report" / "report.html").is_file()
     assert "warning" not in result.stderr
+
+
+def test_sweep_command_is_attached(runner):
+    pytest.importorskip("vlens.sweep.cli", reason="this checkout has no vlens.sweep")
+    result = runner.invoke(main, ["sweep", "--help"])
+    assert result.exit_code == 0, result.output
+    assert "usage: vlens sweep" in result.output
