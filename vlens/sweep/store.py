@@ -8,6 +8,12 @@ Layout of a sweep folder::
                                         one per batch: unit 12, written by rank 1 in run <run>
     summary.csv, summary.json, figures/ written by the summary step
 
+Each shard row is one example: ``example_id``, ``index`` (its place in the data set),
+``error`` (None, or why the example was skipped: its other columns are then empty),
+``n_image_tokens``, ``seq_len``, ``answer_loss`` (mean cross-entropy over the answer
+tokens, NaN without an answer), then each analysis's ``"<analysis>.<field>"`` columns
+(lists, one entry per layer; see ``vlens.sweep.analyses``).
+
 A shard is written to a hidden temporary file in the same folder and renamed into place
 (``os.replace``, atomic on POSIX), so a shard either exists whole or not at all: a process
 killed at any point leaves only finished batches behind, and a rerun redoes the rest.
