@@ -289,3 +289,33 @@ def test_summary_count_curve_on_fractions(swept):
     count = curves.query("analysis == 'token_count_curve' and field == 'loss'")
     assert list(count["x_value"]) == [0.0, 0.25, 0.5, 0.75, 1.0] and (count["n"] == 5).all()
     assert list(curves.query("analysis == 'attention_to_image' and field == 'mass'")["x_value"]) == [0.0, 1.0, 2.0]
+
+
+def test_cli_data_formats(tmp_path):
+    import argparse
+
+    import PIL.Image
+
+    from vlens.sweep.cli import add_arguments, load_data
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+
+    def data(*argv: str) -> ExampleSet:
+        return load_data(parser.parse_args(["--out", str(tmp_path / "o"), *argv]))
+
+    assert data("--data", "7", "--limit", "3").ids == load_scenes(3).ids
+    coco = data("--data-format", "coco", "--data", str(FIX / "coco_captions.json"), "--images", str(IMAGES),
+                "--instances", str(FIX / "coco_instances.json"), "--prompt", "what ?")
+    assert coco.kind == "coco_captions" and coco[0].objects == ("dog", "cat") and coco[0].prompt == "what ?"
+    assert len(data("--data-format", "coco", "--data", str(FIX / "coco_bad.json"), "--images", str(IMAGES),
+                    "--skip-bad")) == 1
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_dict({"img": [PIL.Image.open(IMAGES / "a.png")], "q": ["what ?"]}).save_to_disk(
+        tmp_path / "hf")
+    hf = data("--data-format", "hf", "--data", str(tmp_path / "hf"), "--image-column", "img", "--prompt-column", "q")
+    assert hf.kind == "hf_dataset" and hf[0].prompt == "what ?"
+    with pytest.raises(SweepConfigError, match="--images"):
+        data("--data-format", "coco", "--data", str(FIX / "coco_captions.json"))
+    with pytest.raises(SweepConfigError, match="number of scenes"):
+        data("--data", "many")
