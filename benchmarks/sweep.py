@@ -1,8 +1,9 @@
 """Sweep throughput and peak memory, one process against N under ``accelerate launch``.
 
 Runs ``vlens.sweep.run`` over synthetic scenes with the default streaming analyses on the
-toy model (``HookedVLM.from_pretrained("toy")``), or on the tiny random LLaVA of the tests
-when the toy checkpoint is not installed (the output says which). Each run starts fresh
+toy model (``HookedVLM.from_pretrained("toy")``); when the trained checkpoint is not
+installed, on the toy's architecture and processor with random weights (same shapes, so the
+same speed and memory), else on the tiny random LLaVA of the tests (the output says which). Each run starts fresh
 processes (1 with plain ``python``, N with ``accelerate launch --multi_gpu``, which on a
 CPU-only machine starts N CPU processes), each with ``--threads`` torch threads. Reports,
 per process count: examples per second over the sweep loop (all examples divided by the
@@ -34,13 +35,28 @@ def resolve_model(name: str, scratch: Path) -> tuple[str, str]:
     try:
         from vlens.zoo import toy_checkpoint_path
 
-        return str(toy_checkpoint_path()), "toy (vlens/zoo/toy)"
+        return str(toy_checkpoint_path()), "toy (vlens/zoo/toy, trained)"
     except (FileNotFoundError, ImportError):
+        pass
+    try:  # the toy's architecture and processor with random weights: same shapes, same speed
+        import torch
+
+        from vlens.zoo.config import Architecture, build_model
+        from vlens.zoo.processor import build_processor
+
+        torch.manual_seed(0)
+        arch = Architecture()
+        processor = build_processor(arch.image_size, arch.patch_size)
+        path = scratch / "toy_random"
+        build_model(arch, processor).save_pretrained(path)
+        processor.save_pretrained(path)
+        return str(path), f"toy architecture with random weights ({arch}; the trained checkpoint is not installed)"
+    except ImportError:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
         from tests.tiny.llava import build_llava
 
         path = build_llava(scratch / "tiny_llava")
-        return str(path), "tiny random LLaVA (tests/tiny/llava.py; the toy checkpoint is not installed)"
+        return str(path), "tiny random LLaVA (tests/tiny/llava.py; no toy checkpoint or toy builder)"
 
 
 def worker(args: argparse.Namespace) -> None:
