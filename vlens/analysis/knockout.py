@@ -92,12 +92,8 @@ def answer_loss(logits: Float[Tensor, "n vocab"], targets: Int[Tensor, "n"]) -> 
     return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="mean")
 
 
-def full_loss(model: Any, problem: RowProblem) -> float:
-    with torch.no_grad():
-        logits, _ = model.run_language_model(
-            problem.embeds[None], logits_to_keep=problem.answer - 1, extras=kept_extras(problem, None)
-        )
-    return float(answer_loss(logits[0], problem.ids[problem.answer]))
+MAX_TOKENS = 2048
+"""Default bound on a suffix batch's padded size (variants x longest suffix)."""
 
 
 def variant_losses(
@@ -105,11 +101,14 @@ def variant_losses(
     problem: RowProblem,
     keeps: Bool[Tensor, "variant pos"],
     engine: Engine = "kv",
-    batch_size: int = 8,
+    batch_size: int = 32,
+    max_tokens: int = MAX_TOKENS,
 ) -> Float[Tensor, "variant"]:
     """The answer loss of each variant of a row (``keeps[v]``: positions it keeps).
 
     Every variant must keep every answer token and the token before the first one.
+    Identical variants run once; with ``"kv"`` a variant that keeps everything costs
+    nothing beyond the shared full forward.
     """
     if engine not in ENGINES:
         raise AnalysisInputError(f"unknown engine {engine!r}; choose one of {list(ENGINES)}")
@@ -120,10 +119,13 @@ def variant_losses(
         raise AnalysisInputError("a variant removes an answer token; only non-answer tokens can be removed")
     if engine == "kv" and not model.adapter.causal_prefix:
         engine = "naive"  # this family's attention is not causal within images: no prefix reuse
+    unique, inverse = keeps.unique(dim=0, return_inverse=True)  # run each distinct variant once
     with torch.no_grad():
         if engine == "naive":
-            return torch.stack([_naive_loss(model, problem, keep) for keep in keeps]).cpu()
-        return _kv_losses(model, problem, keeps, batch_size).cpu()
+            losses = torch.stack([_naive_loss(model, problem, keep) for keep in unique])
+        else:
+            losses = _kv_losses(model, problem, unique, batch_size, max_tokens)
+    return losses[inverse].cpu()
 
 
 def _naive_loss(model: Any, problem: RowProblem, keep: Tensor) -> Tensor:
@@ -140,7 +142,7 @@ def _naive_loss(model: Any, problem: RowProblem, keep: Tensor) -> Tensor:
     return answer_loss(logits[0], problem.ids[problem.answer])
 
 
-def _kv_losses(model: Any, problem: RowProblem, keeps: Tensor, batch_size: int) -> Tensor:
+def _kv_losses(model: Any, problem: RowProblem, keeps: Tensor, batch_size: int, max_tokens: int) -> Tensor:
     from transformers import DynamicCache
 
     device = problem.embeds.device
@@ -164,9 +166,25 @@ def _kv_losses(model: Any, problem: RowProblem, keeps: Tensor, batch_size: int) 
     todo = todo[first[todo].argsort()]  # neighbours share cache length and suffix length
     if bool((first[todo] > problem.answer[0] - 1).any()):
         raise AnalysisInputError("a variant removes a token after the answer starts; only earlier tokens can go")
-    for chunk in todo.split(batch_size):
+    suffix_len = keeps[todo].sum(1) - first[todo]  # every position before the first removed one is kept
+    for chunk in _chunks(todo, suffix_len.tolist(), batch_size, max_tokens):
         losses[chunk] = _suffix_losses(model, problem, keeps[chunk], first[chunk], kv, targets, DynamicCache)
     return losses
+
+
+def _chunks(order: Tensor, lengths: list[int], batch_size: int, max_tokens: int) -> list[Tensor]:
+    """Consecutive groups of at most ``batch_size`` variants whose padded suffix batch
+    (rows x longest suffix) stays within ``max_tokens`` (a single long one may exceed it)."""
+    groups, start, longest = [], 0, 0
+    for i, n in enumerate(lengths):
+        longest_with = max(longest, n)
+        if i > start and ((i - start + 1) * longest_with > max_tokens or i - start == batch_size):
+            groups.append(order[start:i])
+            start, longest_with = i, n
+        longest = longest_with
+    if lengths:
+        groups.append(order[start:])
+    return groups
 
 
 def _suffix_losses(

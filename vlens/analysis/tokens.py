@@ -21,7 +21,6 @@ from vlens.analysis.knockout import (
     ENGINES,
     Engine,
     answer_loss,
-    full_loss,
     kept_extras,
     row_problems,
     variant_losses,
@@ -150,7 +149,7 @@ def token_count_curve(
     order: Order = "raster",
     method: Engine = "kv",
     seed: int = 0,
-    batch_size: int = 8,
+    batch_size: int = 32,
 ) -> CountCurveResult:
     """Answer loss when only k visual tokens are kept, for each k (see :class:`CountCurveResult`).
 
@@ -167,7 +166,8 @@ def token_count_curve(
             the same losses. Families whose attention is not causal within images fall
             back to ``"naive"`` (``engine`` in the result says which ran).
         seed: Seed of the random order.
-        batch_size: How many counts run together with ``"kv"``.
+        batch_size: At most how many counts run together with ``"kv"`` (a batch also
+            stays within ``knockout.MAX_TOKENS`` padded suffix tokens).
     """
     if method not in ENGINES:
         raise AnalysisInputError(f"unknown method {method!r}; choose one of {list(ENGINES)}")
@@ -186,9 +186,13 @@ def token_count_curve(
             if k <= n:
                 keeps[i, ranked[k:]] = False
         row_loss = torch.full((len(ks),), float("nan"))
-        row_loss[valid] = variant_losses(model, problem, keeps[valid], engine=method, batch_size=batch_size)
+        everything = torch.ones(1, problem.ids.shape[0], dtype=torch.bool)
+        found = variant_losses(
+            model, problem, torch.cat([keeps[valid], everything]), engine=method, batch_size=batch_size
+        )
+        row_loss[valid] = found[:-1]
         losses.append(row_loss)
-        fulls.append(torch.tensor(full_loss(model, problem)))
+        fulls.append(found[-1])
         orders.append(ranked)
     return CountCurveResult(
         counts=ks, loss=stack_rows(losses), full_loss=stack_rows(fulls), order=stack_rows(orders), engine=engine
@@ -200,7 +204,7 @@ def token_contributions(
     inputs: Any,
     method: Literal["drop", "ablate", "gradient"] = "drop",
     engine: Engine = "kv",
-    batch_size: int = 8,
+    batch_size: int = 32,
 ) -> ContributionResult:
     """The answer-loss change from removing each visual token (see :class:`ContributionResult`).
 
@@ -212,7 +216,8 @@ def token_contributions(
         engine: For ``"drop"``: ``"kv"`` shares the prefix before each dropped token
             (one full forward, then each token's suffix, batched); ``"naive"`` runs one
             full forward per token. Same losses.
-        batch_size: How many dropped tokens run together with ``"kv"``.
+        batch_size: At most how many dropped tokens run together with ``"kv"`` (a batch
+            also stays within ``knockout.MAX_TOKENS`` padded suffix tokens).
     """
     if method not in ("drop", "ablate", "gradient"):
         raise AnalysisInputError(f"unknown method {method!r}; choose 'drop' (alias 'ablate') or 'gradient'")
@@ -225,10 +230,11 @@ def token_contributions(
             delta, full = _gradient(model, problem)
         else:
             n = problem.image.numel()
-            keeps = torch.ones(n, problem.ids.shape[0], dtype=torch.bool)
+            keeps = torch.ones(n + 1, problem.ids.shape[0], dtype=torch.bool)  # the last keeps everything
             keeps[torch.arange(n), problem.image.cpu()] = False
-            full = full_loss(model, problem)
-            delta = variant_losses(model, problem, keeps, engine=engine, batch_size=batch_size) - full
+            found = variant_losses(model, problem, keeps, engine=engine, batch_size=batch_size)
+            full = found[-1]
+            delta = found[:-1] - full
         deltas.append(delta.float().cpu())
         fulls.append(torch.tensor(float(full)))
         positions.append(problem.image.cpu())
