@@ -102,7 +102,9 @@ def _load(data: ExampleSet, index: int, skip_bad: bool) -> tuple[Optional[Exampl
 
 
 def _process(model: Any, analyses: list[SweepAnalysis], data: ExampleSet, indices: list[int], skip_bad: bool,
-             chat_template: bool) -> tuple[list[dict[str, Any]], Optional[Batch]]:
+             chat_template: bool, budget: float) -> list[dict[str, Any]]:
+    """One batch: load, prepare, check the memory estimate of this batch, forward with the
+    streaming hooks, and the rows (error rows for examples skipped)."""
     rows: dict[int, dict[str, Any]] = {}
     good: list[tuple[int, Example, Any]] = []
     for i in indices:
@@ -111,9 +113,11 @@ def _process(model: Any, analyses: list[SweepAnalysis], data: ExampleSet, indice
             rows[i] = _error_row(i, data.ids[i], reason)
         else:
             good.append((i, ex, image))
-    batch = None
     good, inputs = _prepare(model, good, rows, skip_bad, chat_template)
     if good:
+        lay = inputs.layout
+        check_budget(estimate_memory(model, analyses, lay.batch_size, lay.seq_len, int(lay.image_mask.sum(1).max())),
+                     budget, model.device)
         batch = Batch(inputs, [g[1] for g in good], [g[2] for g in good])
         for a in analyses:
             a.start(model, batch)
@@ -146,7 +150,7 @@ def _process(model: Any, analyses: list[SweepAnalysis], data: ExampleSet, indice
             for cols in per_analysis:
                 row.update(cols[r])
             rows[i] = row
-    return [rows[i] for i in indices], batch
+    return [rows[i] for i in indices]
 
 
 def _prepare(model: Any, good: list, rows: dict[int, dict[str, Any]], skip_bad: bool,
@@ -281,11 +285,7 @@ def run(
         run_token = store.new_run_token()
         bar = _progress(sum(len(p[1]) for p in mine), progress and state.is_main_process, state.num_processes)
         for unit, indices in mine:
-            rows, batch = _process(model, built, data, indices, skip_bad, chat_template)
-            if batch is not None:
-                lay = batch.layout
-                check_budget(estimate_memory(model, built, batch.size, lay.seq_len, int(lay.image_mask.sum(1).max())),
-                             budget, model.device)
+            rows = _process(model, built, data, indices, skip_bad, chat_template, budget)
             store.write_shard(out, store.shard_name(unit, state.process_index, run_token), rows)
             processed += len(rows)
             errors += sum(r["error"] is not None for r in rows)
