@@ -192,6 +192,13 @@ def nanmean(values: Any, axis: Any = None) -> Any:
         return np.nanmean(values, axis=axis)
 
 
+def masked_mean(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Mean of ``values[..., mask]`` over the last axis; NaN (no warning) where the mask is empty."""
+    n = mask.sum(-1)
+    total = np.where(mask, values, 0.0).sum(-1)
+    return np.where(n > 0, total / np.maximum(n, 1), np.nan)
+
+
 def fmt_p(p: float) -> str:
     return f"{p:.2g}" if p >= 1e-4 else f"{p:.1e}"
 

@@ -87,15 +87,15 @@ class AttentionFinding:
     @property
     def object_over_background(self) -> float:
         """Mean over scenes and blocks of received(object) / received(background)."""
-        return float(np.mean(self.recv_object.mean(1) / self.recv_background.mean(1)))
+        return float(common.nanmean(self.recv_object.mean(1) / self.recv_background.mean(1)))
 
     def to_frame(self) -> pd.DataFrame:
         return pd.DataFrame({
             "block": np.arange(self.recv_object.shape[1]),
             "mass_instruction": self.mass_instruction.mean((0, 2)),
             "mass_answer": self.mass_answer.mean((0, 2)),
-            "recv_object": self.recv_object.mean(0), "recv_background": self.recv_background.mean(0),
-            "recv_target": self.recv_target.mean(0), "recv_other": common.nanmean(self.recv_other, 0),
+            "recv_object": common.nanmean(self.recv_object, 0), "recv_background": common.nanmean(self.recv_background, 0),
+            "recv_target": common.nanmean(self.recv_target, 0), "recv_other": common.nanmean(self.recv_other, 0),
             "sink_share": self.sink_share.mean(0), "sinks_on_background": common.nanmean(self.sink_background, 0),
         })
 
@@ -131,11 +131,10 @@ def measure(model: Any, scenes: Sequence[Scene], batch_size: int = 16) -> Attent
             target = common.target_object(scene, qa)
             fields["mi"].append(common.rows_of(instr.mass, instr.batched)[row].numpy())
             fields["ma"].append(common.rows_of(answer.mass, answer.batched)[row].numpy())
-            fields["obj"].append(recv[:, owner >= 0].mean(1))
-            fields["bg"].append(recv[:, owner < 0].mean(1))
-            fields["tgt"].append(recv[:, owner == target].mean(1))
-            other = (owner >= 0) & (owner != target)
-            fields["oth"].append(recv[:, other].mean(1) if other.any() else np.full(recv.shape[0], np.nan))
+            fields["obj"].append(common.masked_mean(recv, owner >= 0))
+            fields["bg"].append(common.masked_mean(recv, owner < 0))
+            fields["tgt"].append(common.masked_mean(recv, owner == target))
+            fields["oth"].append(common.masked_mean(recv, (owner >= 0) & (owner != target)))
             fields["share"].append(flags.mean(1))
             n_sinks = flags.sum(1)
             on_bg = (flags & (owner < 0)).sum(1)
@@ -164,7 +163,7 @@ def describe(f: AttentionFinding) -> str:
         f"{common.verdict(f.reproduced)}: an object patch receives {f.object_over_background:.2f}x the attention of a "
         f"background patch (mean over blocks and scenes); higher in {f.test[0]}/{f.test[1]} scenes, sign test "
         f"p = {common.fmt_p(f.test[2])}; the asked-about object's patches receive "
-        f"{np.mean(f.recv_target.mean(1) / f.recv_background.mean(1)):.2f}x background",
+        f"{common.nanmean(f.recv_target.mean(1) / f.recv_background.mean(1)):.2f}x background",
     ])
 
 
@@ -181,8 +180,9 @@ def main(argv: Optional[Sequence[str]] = None) -> AttentionFinding:
     mass_fig = viz.attention_mass_figure(SimpleNamespace(mass=torch.tensor(finding.mass_instruction)),
                                          title="instruction tokens -> image tokens (mean over scenes)")
     recv_fig = viz.layer_curve(
-        {"object patch": finding.recv_object.mean(0), "asked-about object": finding.recv_target.mean(0),
-         "background patch": finding.recv_background.mean(0)},
+        {"object patch": common.nanmean(finding.recv_object, 0),
+         "asked-about object": common.nanmean(finding.recv_target, 0),
+         "background patch": common.nanmean(finding.recv_background, 0)},
         axis="block", ylabel="attention received per token", title="Which image tokens the instruction reads",
     )
     qa = common.colour_question(scenes[0])

@@ -73,18 +73,12 @@ class ContributionFinding:
     def kind_means(self, method: str) -> np.ndarray:
         """``[scene, kind]``: mean contribution per patch kind (NaN where a scene has none)."""
         values = getattr(self, method)
-        out = np.full((values.shape[0], len(KINDS)), np.nan)
-        for k in range(len(KINDS)):
-            mask = self.kind == k
-            counts = mask.sum(1)
-            out[:, k] = np.where(counts > 0, (values * mask).sum(1) / np.maximum(counts, 1), np.nan)
-        return out
+        return np.stack([common.masked_mean(values, self.kind == k) for k in range(len(KINDS))], axis=1)
 
     def object_and_background(self, method: str) -> tuple[np.ndarray, np.ndarray]:
         """Per scene, the mean contribution of object patches and of background patches."""
         values = getattr(self, method)
-        obj = self.kind < 2
-        return (values * obj).sum(1) / obj.sum(1), (values * ~obj).sum(1) / (~obj).sum(1)
+        return common.masked_mean(values, self.kind < 2), common.masked_mean(values, self.kind == 2)
 
     @property
     def spearman(self) -> np.ndarray:
@@ -153,7 +147,7 @@ def describe(f: ContributionFinding) -> str:
         n_pos, n, p = f.tests[m]
         lines.append(
             f"{m}: {common.verdict(f.reproduced_for(m))}: mean contribution of an object patch "
-            f"{obj.mean():+.4f} vs background {bg.mean():+.4f} (asked-about object {means[0]:+.4f}, "
+            f"{common.nanmean(obj):+.4f} vs background {common.nanmean(bg):+.4f} (asked-about object {means[0]:+.4f}, "
             f"other objects {means[1]:+.4f}); object > "
             f"background in {n_pos}/{n} scenes, sign test p = {common.fmt_p(p)}"
         )
