@@ -17,9 +17,10 @@ Model: "toy" by default; any checkpoint with a patch grid (--model llava-hf/llav
 --device cuda --dtype float16; "drop" runs one suffix per visual token: 576 for LLaVA-1.5).
 
 Prints: per method and patch kind (asked-about object, other objects, background) the mean
-contribution; the agreement of the two methods; the verdicts. Draws: contributions_map.png
-(both methods over the first scene), contributions_scatter.png (drop against gradient, coloured
-by patch kind). Writes token_contributions.csv (one row per scene and visual token).
+contribution; the agreement of the two methods; the verdicts. Draws: contributions_map_drop.png
+and contributions_map_gradient.png (each method over the first scene), contributions_scatter.png
+(drop against gradient, coloured by patch kind). Writes token_contributions.csv (one row per
+scene and visual token).
 """
 
 from __future__ import annotations
@@ -170,9 +171,14 @@ def main(argv: Optional[Sequence[str]] = None) -> ContributionFinding:
     qa = common.colour_question(scenes[0])
     first = model.prepare(scenes[0].image, qa.question, answer=qa.answer)
     span, picture = first.layout.images[0][0], viz.model_view_image(first, model.processor)
-    map_fig = viz.heatmap_grid([(m, finding.__dict__[m][0]) for m in METHODS], span, picture,
-                               label=f"answer-loss contribution ({qa.question!r} -> {qa.answer})",
-                               shared_range=False, cmap="RdBu_r")
+    maps = {}
+    for m in METHODS:  # one figure per method: their scales differ; symmetric so 0 is white
+        values = getattr(finding, m)[0]
+        top = float(np.abs(values).max()) or 1.0
+        maps[f"contributions_map_{m}"] = viz.image_heatmap(
+            values, span, picture, cmap="RdBu_r", vmin=-top, vmax=top, label="answer-loss contribution",
+            title=f"{m}: {qa.question!r} -> {qa.answer}",
+        )
     scatter = Figure(figsize=(4.8, 4.2))
     ax = scatter.add_subplot(1, 1, 1)
     for k, name in enumerate(KINDS):
@@ -185,7 +191,7 @@ def main(argv: Optional[Sequence[str]] = None) -> ContributionFinding:
     ax.grid(alpha=0.3)
     scatter.tight_layout()
     common.finish(common.write_outputs(args.out, {"token_contributions": finding.to_frame()},
-                                       {"contributions_map": map_fig, "contributions_scatter": scatter}))
+                                       {**maps, "contributions_scatter": scatter}))
     return finding
 
 
