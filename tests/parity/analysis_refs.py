@@ -30,6 +30,7 @@ class Family:
             ``inputs_embeds`` directly.
         reads_prompt: Whether the connector reads the instruction (so image-token
             states depend on the prompt).
+        per_token: Inputs the forward takes one per token (Gemma3's token types).
     """
 
     module: str
@@ -37,6 +38,7 @@ class Family:
     kwargs: dict = field(default_factory=dict)
     lm_attr: Optional[str] = None
     reads_prompt: bool = False
+    per_token: tuple[str, ...] = ()
 
 
 FAMILIES = {
@@ -46,6 +48,7 @@ FAMILIES = {
     "idefics3": Family("idefics3", "build_idefics3"),
     "blip2": Family("blip", "build_blip2", lm_attr="language_model"),
     "instructblip": Family("blip", "build_instructblip", lm_attr="language_model", reads_prompt=True),
+    "gemma3": Family("gemma3", "build_gemma3", per_token=("token_type_ids",)),
 }
 
 
@@ -142,11 +145,12 @@ def merged_embeddings(reference: torch.nn.Module, inputs: VLMInputs) -> torch.Te
     return captured["e"]
 
 
-def lm_logits(tiny: Tiny, embeds: torch.Tensor) -> torch.Tensor:
-    """Logits of a plain full forward of the reference's language model on ``embeds`` [1, n, d]."""
+def lm_logits(tiny: Tiny, embeds: torch.Tensor, per_token: Optional[dict] = None) -> torch.Tensor:
+    """Logits of a plain full forward of the reference's language model on ``embeds`` [1, n, d]
+    (with the family's per-token inputs for those positions)."""
     target = getattr(tiny.reference, tiny.family.lm_attr) if tiny.family.lm_attr else tiny.reference
     mask = torch.ones(embeds.shape[:2], dtype=torch.long)
-    return target(inputs_embeds=embeds, attention_mask=mask).logits
+    return target(inputs_embeds=embeds, attention_mask=mask, **(per_token or {})).logits
 
 
 def answer_ce(logits: torch.Tensor, ids: torch.Tensor, answer: torch.Tensor, kept: torch.Tensor) -> float:
@@ -156,11 +160,17 @@ def answer_ce(logits: torch.Tensor, ids: torch.Tensor, answer: torch.Tensor, kep
     return float(torch.nn.functional.cross_entropy(logits[0, rows].float(), ids[answer]))
 
 
-def reduced_loss(tiny: Tiny, embeds: torch.Tensor, ids: torch.Tensor, answer: torch.Tensor, removed: set) -> float:
+def per_token_inputs(tiny: Tiny, inputs: VLMInputs) -> dict:
+    return {name: inputs.extras[name] for name in tiny.family.per_token}
+
+
+def reduced_loss(
+    tiny: Tiny, embeds: torch.Tensor, ids: torch.Tensor, answer: torch.Tensor, removed: set, per_token: dict
+) -> float:
     """The answer loss with the positions in ``removed`` taken out of the sequence."""
     kept = torch.tensor([p for p in range(embeds.shape[1]) if p not in removed])
     with torch.no_grad():
-        logits = lm_logits(tiny, embeds[:, kept])
+        logits = lm_logits(tiny, embeds[:, kept], {k: v[:, kept] for k, v in per_token.items()})
     return answer_ce(logits, ids, answer, kept)
 
 

@@ -27,7 +27,7 @@ def case(tiny, photo):
     ids = inputs.input_ids[0]
     answer = inputs.layout.answer_mask[0].nonzero().flatten()
     img = ref.image_positions(tiny.reference, inputs.input_ids)
-    return inputs, embeds, ids, answer, img
+    return inputs, embeds, ids, answer, img, ref.per_token_inputs(tiny, inputs)
 
 
 def spread(n: int) -> list[int]:
@@ -36,13 +36,13 @@ def spread(n: int) -> list[int]:
 
 @pytest.mark.parametrize("order", ["raster", "random", "reversed"])
 def test_token_count_curve_equals_hf_loop(tiny, case, order):
-    inputs, embeds, ids, answer, img = case
+    inputs, embeds, ids, answer, img, per_token = case
     n = img.numel()
     counts = spread(n)
     perm = torch.arange(n).flip(0) if order == "reversed" else order
     kv = va.token_count_curve(tiny.model, inputs, counts=counts, order=perm, method="kv", batch_size=3)
     naive = va.token_count_curve(tiny.model, inputs, counts=counts, order=perm, method="naive")
-    assert kv.engine == "kv"
+    assert kv.engine == ("naive" if tiny.family.per_token else "kv")
     assert torch.equal(kv.counts, torch.tensor(counts))
     assert torch.equal(kv.order, naive.order)
     ranked = kv.order
@@ -50,7 +50,7 @@ def test_token_count_curve_equals_hf_loop(tiny, case, order):
     if order == "raster":
         assert torch.equal(ranked, img)
     expected = torch.tensor(
-        [ref.reduced_loss(tiny, embeds, ids, answer, set(ranked[k:].tolist())) for k in counts]
+        [ref.reduced_loss(tiny, embeds, ids, answer, set(ranked[k:].tolist()), per_token) for k in counts]
     )
     assert (kv.loss - expected).abs().max() <= TOL, (kv.loss, expected)
     assert (naive.loss - expected).abs().max() <= TOL
@@ -58,23 +58,23 @@ def test_token_count_curve_equals_hf_loop(tiny, case, order):
 
 
 def test_token_drop_contributions_equal_hf_loop(tiny, case):
-    inputs, embeds, ids, answer, img = case
+    inputs, embeds, ids, answer, img, per_token = case
     drop = va.token_contributions(tiny.model, inputs, method="drop", batch_size=5)
     naive = va.token_contributions(tiny.model, inputs, method="drop", engine="naive")
     assert torch.equal(drop.image_positions, img)
     assert (drop.delta_loss - naive.delta_loss).abs().max() <= TOL
-    full = ref.reduced_loss(tiny, embeds, ids, answer, set())
+    full = ref.reduced_loss(tiny, embeds, ids, answer, set(), per_token)
     assert abs(float(drop.full_loss) - full) <= TOL
     for i in spread(img.numel() - 1):
-        expected = ref.reduced_loss(tiny, embeds, ids, answer, {int(img[i])}) - full
+        expected = ref.reduced_loss(tiny, embeds, ids, answer, {int(img[i])}, per_token) - full
         assert abs(float(drop.delta_loss[i]) - expected) <= TOL, f"token {i}"
 
 
 def test_gradient_contributions_equal_hf_autograd(tiny, case):
-    inputs, embeds, ids, answer, img = case
+    inputs, embeds, ids, answer, img, per_token = case
     grad_result = va.token_contributions(tiny.model, inputs, method="gradient")
     leaf = embeds.clone().requires_grad_(True)
-    logits = ref.lm_logits(tiny, leaf)
+    logits = ref.lm_logits(tiny, leaf, per_token)
     loss = torch.nn.functional.cross_entropy(logits[0, answer - 1].float(), ids[answer])
     (grad,) = torch.autograd.grad(loss, leaf)
     expected = (grad[0, img] * (0 - embeds[0, img])).sum(-1)
@@ -114,7 +114,7 @@ def test_batched_count_curve_and_drop_equal_single_rows(tiny, photo, photo2):
 
 
 def test_bad_arguments_name_the_value(tiny, case, photo):
-    inputs, _, _, _, img = case
+    inputs, _, _, _, img, _ = case
     model, n = tiny.model, img.numel()
     with pytest.raises(AnalysisInputError, match="answer"):
         va.token_count_curve(model, model.prepare(photo, PROMPT))

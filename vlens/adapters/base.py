@@ -229,10 +229,14 @@ class VisionPrefixAdapter(ABC):
     A family whose language model attends bidirectionally within images (Gemma3 with
     ``token_type_ids``) sets it False, and such analyses fall back to full forwards."""
 
-    per_token_inputs: ClassVar[tuple[str, ...]] = ()
-    """Extras (``VLMInputs.extras``) the language model reads, one value per token, e.g.
-    Gemma3's ``token_type_ids``: analyses that remove tokens keep the matching entries
-    and pass them to :meth:`run_language_model`."""
+    @property
+    def per_token_inputs(self) -> tuple[str, ...]:
+        """Extras (``VLMInputs.extras``) the language model reads, one value per token:
+        analyses that remove tokens keep the matching entries and pass them to
+        :meth:`run_language_model`. Default: Hugging Face's per-token input
+        ``token_type_ids`` when the family's forward takes it (Gemma3's marks image
+        tokens, which attend to each other)."""
+        return tuple(name for name in self.model_input_names if name == "token_type_ids")
 
     def language_model(self, hf_model: torch.nn.Module) -> torch.nn.Module:
         """The module that receives the merged input embeddings as ``inputs_embeds``."""

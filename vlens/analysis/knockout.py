@@ -96,6 +96,21 @@ MAX_TOKENS = 2048
 """Default bound on a suffix batch's padded size (variants x longest suffix)."""
 
 
+def prefix_reuse_exact(model: Any, length: int) -> bool:
+    """Whether the ``"kv"`` engine gives exact losses for this model.
+
+    It needs a causal language model whose states depend only on earlier embeddings and
+    positions: per-token inputs (``adapter.per_token_inputs``, e.g. Gemma3's token types,
+    which make image tokens attend to later ones) rule it out, and so do sliding-window
+    layers shorter than the sequence (``length``): their masks count cache slots, which
+    the padding of a suffix batch shifts.
+    """
+    text_config = model.hf_model.config.get_text_config()
+    window = getattr(text_config, "sliding_window", None)
+    sliding = window is not None and getattr(text_config, "use_sliding_window", True) and window < length
+    return bool(model.adapter.causal_prefix) and not model.adapter.per_token_inputs and not sliding
+
+
 def variant_losses(
     model: Any,
     problem: RowProblem,
@@ -117,8 +132,8 @@ def variant_losses(
     keeps = keeps.to(problem.embeds.device)
     if not bool(keeps[:, problem.answer].all()):
         raise AnalysisInputError("a variant removes an answer token; only non-answer tokens can be removed")
-    if engine == "kv" and not model.adapter.causal_prefix:
-        engine = "naive"  # this family's attention is not causal within images: no prefix reuse
+    if engine == "kv" and not prefix_reuse_exact(model, problem.ids.shape[0]):
+        engine = "naive"
     unique, inverse = keeps.unique(dim=0, return_inverse=True)  # run each distinct variant once
     with torch.no_grad():
         if engine == "naive":
@@ -160,6 +175,9 @@ def _kv_losses(model: Any, problem: RowProblem, keeps: Tensor, batch_size: int, 
     )
     full = answer_loss(logits[0], targets)
     kv = [(layer.keys, layer.values) for layer in cache.layers]
+    if any(k is None or k.shape[-2] != length for k, _ in kv):
+        # A sliding-window cache keeps only recent positions: reuse is not possible.
+        return torch.stack([full if bool(keep.all()) else _naive_loss(model, problem, keep) for keep in keeps])
     losses = torch.full((keeps.shape[0],), float("nan"), device=device)
     losses[first == length] = full
     todo = (first < length).nonzero().flatten()

@@ -22,6 +22,7 @@ from vlens.analysis.knockout import (
     Engine,
     answer_loss,
     kept_extras,
+    prefix_reuse_exact,
     row_problems,
     variant_losses,
 )
@@ -175,7 +176,8 @@ def token_count_curve(
     n_max = max(p.image.numel() for p in problems)
     ks = _counts(counts, n_max)
     losses, fulls, orders = [], [], []
-    engine = method if model.adapter.causal_prefix else "naive"
+    longest = max(p.ids.shape[0] for p in problems)
+    engine = method if prefix_reuse_exact(model, longest) else "naive"
     for row, problem in enumerate(problems):
         n = problem.image.numel()
         perm = _order(order, n, seed, row)
