@@ -18,7 +18,7 @@ Model: "toy" by default; any checkpoint with a patch grid (--model llava-hf/llav
 --device cuda --dtype float16; eager attention is what exposes the patterns).
 
 Prints: per block the attention mass from instruction and answer tokens (mean over heads and
-scenes), the attention received per object / background / asked-about-object patch, the share
+scenes; and what uniform attention over the visible keys would give), the attention received per object / background / asked-about-object patch, the share
 of image tokens that are sinks and the share of sinks on background; the verdict.
 Draws: attention_mass.png (block x head and per-block curves), attention_received.png
 (received per block by patch kind), attention_map.png (received, first scene, per block),
@@ -63,6 +63,8 @@ class AttentionFinding:
         sink_share: Fraction of image tokens flagged as sinks.
         sink_background: Fraction of the sinks that are background patches (NaN: no sink).
         background_share: Fraction of image tokens that are background, ``[scene]``.
+        uniform_mass: The mass uniform attention would put on the image from the instruction
+            queries (image keys / keys each query sees, mean over queries), ``[scene]``.
         sink_count: How many scenes flag each image token, ``[block, img]`` (token order of
             the first scene's span: every scene has the same grid).
         test: (n_positive, n, p) of the sign test of object minus background.
@@ -77,6 +79,7 @@ class AttentionFinding:
     sink_share: np.ndarray
     sink_background: np.ndarray
     background_share: np.ndarray
+    uniform_mass: np.ndarray
     sink_count: np.ndarray
     test: tuple[int, int, float]
 
@@ -112,7 +115,7 @@ def measure(model: Any, scenes: Sequence[Scene], batch_size: int = 16) -> Attent
     """Attention to the image over ``scenes`` and the object-vs-background test (module doc)."""
     if common.image_grid(model) is None:
         raise ValueError("this finding needs visual tokens on a patch grid; Q-Former query tokens have none")
-    fields: dict[str, list] = {k: [] for k in ("mi", "ma", "obj", "bg", "tgt", "oth", "share", "sbg", "bgs")}
+    fields: dict[str, list] = {k: [] for k in ("mi", "ma", "obj", "bg", "tgt", "oth", "share", "sbg", "bgs", "uni")}
     sink_count: Optional[np.ndarray] = None
     for chunk in common.batched(scenes, batch_size):
         qas = [common.colour_question(s) for s in chunk]
@@ -140,13 +143,18 @@ def measure(model: Any, scenes: Sequence[Scene], batch_size: int = 16) -> Attent
             on_bg = (flags & (owner < 0)).sum(1)
             fields["sbg"].append(np.where(n_sinks > 0, on_bg / np.maximum(n_sinks, 1), np.nan))
             fields["bgs"].append(float((owner < 0).mean()))
+            queries = common.rows_of(instr.query_positions, instr.batched)[row]
+            queries = queries[queries >= 0].double()
+            image = inputs.layout.image_positions(row)
+            seen = (image[None, :] <= queries[:, None]).sum(1).double()
+            fields["uni"].append(float((seen / (queries + 1)).mean()))
             sink_count = flags.astype(np.int64) if sink_count is None else sink_count + flags
-    arr = {k: np.stack(v) if k != "bgs" else np.array(v) for k, v in fields.items()}
+    arr = {k: np.array(v) if k in ("bgs", "uni") else np.stack(v) for k, v in fields.items()}
     diff = arr["obj"].mean(1) - arr["bg"].mean(1)
     return AttentionFinding(
         mass_instruction=arr["mi"], mass_answer=arr["ma"], recv_object=arr["obj"], recv_background=arr["bg"],
         recv_target=arr["tgt"], recv_other=arr["oth"], sink_share=arr["share"], sink_background=arr["sbg"],
-        background_share=arr["bgs"], sink_count=sink_count, test=common.sign_test(diff),
+        background_share=arr["bgs"], uniform_mass=arr["uni"], sink_count=sink_count, test=common.sign_test(diff),
     )
 
 
@@ -157,7 +165,8 @@ def describe(f: AttentionFinding) -> str:
     sink_bg = common.nanmean(f.sink_background[:, sb])
     return "\n".join([
         f"attention mass on the image: instruction queries {mi.min():.3f}..{mi.max():.3f} (peak at block "
-        f"{int(mi.argmax())}), answer queries {ma.min():.3f}..{ma.max():.3f} (peak at block {int(ma.argmax())})",
+        f"{int(mi.argmax())}; uniform attention would give {f.uniform_mass.mean():.3f}), answer queries "
+        f"{ma.min():.3f}..{ma.max():.3f} (peak at block {int(ma.argmax())})",
         f"sinks (> {SINK_FACTOR:g}x median): at most {share[sb]:.1%} of image tokens (block {sb}), "
         f"{sink_bg:.0%} of them background (background is {f.background_share.mean():.0%} of the tokens)",
         f"{common.verdict(f.reproduced)}: an object patch receives {f.object_over_background:.2f}x the attention of a "
