@@ -217,7 +217,8 @@ def main(debug: bool) -> None:
 @click.option("--data-format", type=click.Choice(["csv", "parquet"]), default="csv", show_default=True,
               help="Format of the data files.")
 @click.option("--layers", "attention_layers", callback=_int_list, default=None, metavar="L,L,...",
-              help="Layers of the attention-pattern view (default: all for <= 4 layers, else the middle one).")
+              help="Layers of the attention-pattern view (default: all for <= 4 layers; else first, middle and last "
+                   "for models with few heads, the middle one for many).")
 @_setup(need_answer=True)
 def report(setup: _Setup, out: str, data_format: str, attention_layers: Optional[list[int]]) -> None:
     """Run every analysis on one image and prompt; write one self-contained HTML report.

@@ -11,6 +11,9 @@ downloads a browser of its own.
 
 from __future__ import annotations
 
+import html
+import json
+import re
 import shutil
 from pathlib import Path
 
@@ -93,6 +96,13 @@ def open_offline(context, path: Path):
     return page, log
 
 
+def strip_tokens(page_html: str, element_id: str) -> list[str]:
+    """The tokens a CircuitsVis render call passes to ``element_id``."""
+    call = re.search(r'CircuitsVis\.render\("' + re.escape(element_id) + r'", CircuitsVis\.\w+, (\{.*?\})\);', page_html)
+    assert call, f"no render call for {element_id}"
+    return json.loads(call.group(1))["tokens"]
+
+
 CV_RENDERED = """ids => ids.every(id => {
     const heads = document.getElementById(id + '-heads');
     const tokens = document.getElementById(id + '-tokens');
@@ -118,8 +128,11 @@ def test_report_renders_offline(report_dir, browser_context):
     for alt, complete, width, height in images:
         assert complete and width > 0 and height > 0, f"figure {alt!r} did not decode"
 
+    # The token strip shows exactly the window's tokens, image tokens by their grid labels.
     strip = page.inner_text(f"#{ids[0]}-tokens").replace("\xa0", " ")
-    assert "<img 0,0>" in strip and "<img 1,1>" in strip
+    expected = "".join(html.unescape(t) for t in strip_tokens(path.read_text(encoding="utf-8"), f"{ids[0]}-tokens"))
+    assert strip == expected.replace("\n", " ")
+    assert len(re.findall(r"<img \d+,\d+>", strip)) >= 8
     assert page.locator(".note.skipped").count() == 0
     for section in ("input", "lens", "similarity", "attention", "patterns", "count", "contributions"):
         assert page.locator(f"section#{section} > h2").count() == 1

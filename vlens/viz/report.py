@@ -410,9 +410,18 @@ def _attention_section(ctx: _Context) -> Section:
 @_guarded("patterns", "Attention patterns", None)
 def _patterns_section(ctx: _Context) -> Section:
     n = ctx.model.n_layers
-    # Every layer of a small model; for a large one the middle layer, where text reads the image,
-    # so the view's window stays wide enough to be useful (see attention.DEFAULT_CELL_BUDGET).
-    layers = list(ctx.attention_layers) if ctx.attention_layers else (list(range(n)) if n <= 4 else [n // 2])
+    # Every layer of a small model; else first, middle and last when heads are few, and only the
+    # middle layer (where text reads the image) when they are many, so the view's window stays
+    # wide enough to be useful (see attention.DEFAULT_CELL_BUDGET).
+    n_heads = int(ctx.model.cfg.n_heads)
+    if ctx.attention_layers:
+        layers = list(ctx.attention_layers)
+    elif n <= 4:
+        layers = list(range(n))
+    elif 3 * n_heads <= 32:
+        layers = [0, n // 2, n - 1]
+    else:
+        layers = [n // 2]
     view = attention_view(ctx.cache, ctx.tokens, layers=layers, id_prefix="vlens-attn")
     intro = (
         '<p class="caption">CircuitsVis attention heads (hover a thumbnail to zoom, click to lock). '
