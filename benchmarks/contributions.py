@@ -29,7 +29,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--naive-tokens", type=int, default=96, help="0: time the naive loop over every token")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--image-size", type=int, default=336)
     parser.add_argument("--model-dir", type=Path, default=None, help="reuse/keep the random checkpoint here")
     args = parser.parse_args()
