@@ -36,7 +36,7 @@ pytestmark = [
 
 
 @pytest.fixture(scope="module")
-def report_dir(tmp_path_factory, photo):
+def report_dir(tmp_path_factory):
     """A report on the toy model when it is shipped, else on a tiny random LLaVA."""
     from click.testing import CliRunner
 
