@@ -236,6 +236,10 @@ def report(setup: _Setup, out: str, data_format: str, attention_layers: Optional
     from vlens.viz.report import build_report
 
     meta = {"image": setup.source, "answer source": setup.answer_source}
+    if setup.answer_source == "given":
+        _say("generating the model's own answer for comparison ...")
+        meta["model's greedy answer"] = setup.model.generate(setup.model.prepare(setup.image, setup.prompt),
+                                                             max_new_tokens=20).text[0]
     result = build_report(setup.model, setup.inputs, lens_labels=setup.lens_labels(),
                           attention_layers=attention_layers, meta=meta, progress=_say)
     written = result.write(out, data_format=data_format)  # type: ignore[arg-type]

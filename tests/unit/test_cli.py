@@ -60,7 +60,7 @@ def test_report(runner, llava_dir, tmp_path):
     assert f"report written to {out / 'report.html'}" in result.stdout
     assert "[1/6] logit lens" in result.stderr and "done in" in result.stderr  # progress goes to stderr
     html = (out / "report.html").read_text(encoding="utf-8")
-    assert "generated scene (seed 3)" in html
+    assert "generated scene (seed 3)" in html and "model&#x27;s greedy answer" in html
     assert 'id="vlens-attn-L0-heads"' in html and 'id="vlens-attn-L2-heads"' in html
     assert 'id="vlens-attn-L1-heads"' not in html
     assert (out / "data" / "lens.csv").is_file() and (out / "data" / "contributions.csv").is_file()
