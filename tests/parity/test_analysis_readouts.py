@@ -125,6 +125,7 @@ def test_streaming_curves_equal_cache_analyses(tiny, photo, photo2):
         stream.update(batch)
         curves = va.modality_similarity(model, cache, against=against).per_layer  # [batch, layer]
         got = stream.result()
+        assert (stream.last_batch - curves).abs().max() <= 1e-5, against  # per example
         assert got.n_examples == 2
         assert (got.per_layer - curves.mean(0)).abs().max() <= 1e-5, against
         assert (got.std - curves.std(0, unbiased=False)).abs().max() <= 1e-5, against

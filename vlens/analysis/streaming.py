@@ -95,11 +95,17 @@ class AttentionStats:
 
 
 class _Stream:
-    """Running sums of per-example values, one slot per hook, committed per batch."""
+    """Running sums of per-example values, one slot per hook, committed per batch.
+
+    After each commit, ``last_batch`` holds that batch's per-example values
+    (``[example, layer]`` for similarity, ``[example, layer, head]`` for attention mass),
+    for a caller that records rows per example.
+    """
 
     names: list[str]
 
     def __init__(self) -> None:
+        self.last_batch: Optional[Tensor] = None
         self._sum: Optional[Tensor] = None
         self._sum_sq: Optional[Tensor] = None
         self._n = 0
@@ -125,6 +131,7 @@ class _Stream:
             )
         values = torch.stack([self._pending[i] for i in range(len(self.names))], dim=1)
         self._pending.clear()
+        self.last_batch = values
         self._add(values)
 
     def merge(self, other: "_Stream") -> None:
