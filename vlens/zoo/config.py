@@ -67,6 +67,7 @@ class RecipeConfig:
         instruct: Stage (d), projector + language model, on one question per example.
         caption_fraction: Share of stage-(d) examples that are captions (keeps captioning alive).
         object_patch_weight: Stage-(a) loss weight of object patches relative to background ones.
+        text_loss_on: Stage-(b) supervision, ``"answer"`` or ``"all"`` tokens.
     """
 
     arch: Architecture
@@ -78,6 +79,7 @@ class RecipeConfig:
     instruct: StageSchedule
     caption_fraction: float = 1 / 6
     object_patch_weight: float = 4.0
+    text_loss_on: str = "answer"
 
 
 def recipe_config(scale: Scale) -> RecipeConfig:
@@ -88,9 +90,9 @@ def recipe_config(scale: Scale) -> RecipeConfig:
             pool_size=16_000,
             eval_size=300,
             vision=StageSchedule(steps=1000, batch_size=64, lr=2e-3),
-            text=StageSchedule(steps=400, batch_size=64, lr=1e-3),
+            text=StageSchedule(steps=400, batch_size=64, lr=2e-3),
             align=StageSchedule(steps=300, batch_size=48, lr=1e-3),
-            instruct=StageSchedule(steps=800, batch_size=48, lr=5e-4),
+            instruct=StageSchedule(steps=1000, batch_size=48, lr=1.5e-3),
         )
     if scale == "tiny":
         return RecipeConfig(

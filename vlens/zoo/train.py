@@ -133,7 +133,8 @@ def run_recipe(
     report["stages"]["vision"] = {**dataclasses.asdict(result), "heldout": metrics}
     log(f"  (a) held-out vision heads: {_fmt(metrics)}")
 
-    result = train_text(model, pool, encoder, cfg.text, rngs[1], cfg.caption_fraction, progress)
+    result = train_text(model, pool, encoder, cfg.text, rngs[1], cfg.caption_fraction,
+                        cfg.text_loss_on, progress)
     metrics = teacher_forced_exact(model, encoder, eval_pool, None)
     report["stages"]["text"] = {**dataclasses.asdict(result), "heldout_text_only": metrics}
     log(f"  (b) held-out text-only answers: {_fmt(metrics)}")
