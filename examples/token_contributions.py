@@ -25,6 +25,7 @@ scene and visual token).
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,7 +138,7 @@ def measure(model: Any, scenes: Sequence[Scene], batch_size: int = 16) -> Contri
         full_loss=np.array(full), tests={},
     )
     tests = {m: common.sign_test(np.subtract(*partial.object_and_background(m))) for m in METHODS}
-    return ContributionFinding(**{**partial.__dict__, "tests": tests})
+    return dataclasses.replace(partial, tests=tests)
 
 
 def describe(f: ContributionFinding) -> str:
