@@ -128,3 +128,33 @@ def test_bad_arguments_name_the_value(tiny, case, photo):
         va.token_count_curve(model, inputs, method="fast")
     with pytest.raises(AnalysisInputError, match="'shapley'"):
         va.token_contributions(model, inputs, method="shapley")
+
+
+def test_half_precision_model_gives_float32_results(tmp_path, photo):
+    """A bfloat16 model: every result is float32 and close to the float32 model's."""
+    from tests.tiny.llava import build_llava
+    from vlens import HookedVLM
+
+    path = build_llava(tmp_path / "llava")
+    full = HookedVLM.from_pretrained(path, device="cpu")
+    half = HookedVLM.from_pretrained(path, device="cpu", dtype=torch.bfloat16)
+    results = {}
+    for name, model in (("full", full), ("half", half)):
+        inputs = model.prepare(photo, PROMPT, answer=ANSWER)
+        names = va.lens.required_hooks(model) + va.attention.required_hooks(model)
+        with torch.no_grad():
+            _, cache = model.run_with_cache(inputs, names_filter=names)
+        results[name] = {
+            "lens": va.logit_lens(model, cache, k=3).top_logprobs,
+            "similarity": va.modality_similarity(model, cache).per_layer,
+            "attention": va.attention_to_image(cache).mass,
+            "count": va.token_count_curve(model, inputs, counts=[0, 8, 16]).loss,
+            "drop": va.token_contributions(model, inputs).delta_loss,
+            "gradient": va.token_contributions(model, inputs, method="gradient").delta_loss,
+        }
+    for key, value in results["half"].items():
+        assert value.dtype == torch.float32, key
+        assert torch.isfinite(value).all(), key
+    # bfloat16 keeps ~3 significant digits: the curves agree to that, not to 1e-4.
+    for key in ("lens", "similarity", "attention", "count"):
+        assert (results["half"][key] - results["full"][key]).abs().max() <= 0.1, key

@@ -9,13 +9,12 @@ positions) or False (booleans). A single-example batch gives fields without that
 from __future__ import annotations
 
 import copy
-import dataclasses
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import numpy as np
 import pandas as pd
 import torch
-from jaxtyping import Bool, Int
+from jaxtyping import Int
 from torch import Tensor
 
 from vlens.errors import AnalysisInputError

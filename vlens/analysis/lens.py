@@ -7,7 +7,7 @@ from typing import Any, Optional, Sequence, Union
 
 import pandas as pd
 import torch
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from vlens.analysis._common import (

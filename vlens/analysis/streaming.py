@@ -24,7 +24,7 @@ from typing import Any, Callable, Optional
 
 import pandas as pd
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Float
 from torch import Tensor
 
 from vlens.analysis._common import (
