@@ -85,7 +85,8 @@ def main() -> None:
           f"max |delta_kv - delta_naive| = {diff:.2e}")
     print(f"gradient (forward + backward)       {t_grad:7.3f} s = {t_grad / forward:.2f} forwards (target <= 3)")
     a, b = drop.delta_loss.double(), grad.delta_loss.double()
-    ra, rb = a.argsort().argsort().double(), b.argsort().argsort().double()
+    ra = (a[None] < a[:, None]).sum(1) + ((a[None] == a[:, None]).sum(1) + 1) / 2  # ties: average rank
+    rb = (b[None] < b[:, None]).sum(1) + ((b[None] == b[:, None]).sum(1) + 1) / 2
     print(f"Spearman(drop, gradient) over {n_img} tokens: {float(torch.corrcoef(torch.stack([ra, rb]))[0, 1]):+.3f}")
 
 
