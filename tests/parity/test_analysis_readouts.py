@@ -146,6 +146,24 @@ def test_streaming_curves_equal_cache_analyses(tiny, photo, photo2):
             assert (got.received - attn.received.nanmean(0)).abs().max() <= 1e-5
 
 
+def test_lens_stream_equals_logit_lens(tiny, photo, photo2):
+    model = tiny.model
+    batch = model.prepare([photo, photo2], [PROMPT, "describe the image ."])
+    with torch.no_grad():
+        _, cache = model.run_with_cache(batch, names_filter=va.lens.required_hooks(model))
+    plain = va.logit_lens(model, cache, k=3)
+    # Label each image token with its own final-layer top-2 id: a known mixture of hits.
+    labels = plain.top_ids[:, -1, :, 1].clone()
+    lens = va.logit_lens(model, cache, k=3, labels=labels)
+    stream = va.LensStream(model, k=3, labels=lambda inputs, row: labels[row, : int(inputs.layout.image_mask[row].sum())])
+    stream.update(batch)
+    got = stream.result()
+    assert got.n_examples == 2
+    assert (got.top1_logprob - plain.top_logprobs[..., 0].nanmean(-1).mean(0)).abs().max() <= 1e-4
+    assert (got.match_rate - lens.match_rate.mean(0)).abs().max() <= 1e-5
+    assert got.match_rate[-1] == 1.0
+
+
 def test_batched_results_equal_single_rows(tiny, photo, photo2):
     model = tiny.model
     prompts, answers, images = [PROMPT, "describe the image ."], [ANSWER, "a big blue square ."], [photo, photo2]

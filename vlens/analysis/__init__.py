@@ -18,7 +18,14 @@ from vlens.analysis.attention import AttentionResult, SinkTokens, attention_to_i
 from vlens.analysis.dependence import PromptDependenceResult, prompt_dependence
 from vlens.analysis.lens import LensResult, logit_lens
 from vlens.analysis.similarity import SimilarityResult, modality_similarity
-from vlens.analysis.streaming import AttentionStats, AttentionStream, CurveStats, SimilarityStream
+from vlens.analysis.streaming import (
+    AttentionStats,
+    AttentionStream,
+    CurveStats,
+    LensStats,
+    LensStream,
+    SimilarityStream,
+)
 from vlens.analysis.tokens import ContributionResult, CountCurveResult, token_contributions, token_count_curve
 
 __all__ = [
@@ -29,6 +36,8 @@ __all__ = [
     "CountCurveResult",
     "CurveStats",
     "LensResult",
+    "LensStats",
+    "LensStream",
     "PromptDependenceResult",
     "SimilarityResult",
     "SimilarityStream",

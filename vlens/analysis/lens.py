@@ -133,6 +133,8 @@ def _label_ids(tokenizer: Any, labels: Any, n: int, row: int) -> Tensor:
     if isinstance(labels, Tensor):
         t = labels[row] if labels.ndim == 2 else labels
         out = t.long().cpu()
+        if labels.ndim == 2 and out.shape[0] > n and bool((out[n:] < 0).all()):
+            out = out[:n]  # a padded [batch, pos] tensor: this row's end padding
     else:
         out = torch.tensor([-1 if lab is None else _word_id(tokenizer, lab, "label") for lab in labels])
     if out.shape != (n,):

@@ -294,3 +294,112 @@ class AttentionStream(_Stream):
         mean, _ = self._mean_std()
         received = None if self._recv_sum is None else (self._recv_sum / self._recv_n).float()
         return AttentionStats(mass=mean, received=received, n_examples=self._n, n_received=self._recv_n)
+
+
+@typechecked
+@dataclass(frozen=True, eq=False)
+class LensStats:
+    """The logit lens reduced per layer and averaged over examples.
+
+    Per example: ``top1_logprob[l]`` is the mean over the chosen positions of
+    ``LensResult.top_logprobs[l, :, 0]`` (the lens's confidence), and ``match_rate[l]``
+    is ``LensResult.match_rate[l]`` (labels in the top-k); both averaged over examples.
+
+    Attributes:
+        top1_logprob: ``[layer]``.
+        match_rate: ``[layer]``, or None when no labels were given.
+        n_examples: How many examples were accumulated.
+        k: The top-k the match rate counts.
+    """
+
+    top1_logprob: Float[Tensor, "layer"]
+    match_rate: Optional[Float[Tensor, "layer"]]
+    n_examples: int
+    k: int
+
+    def to_frame(self) -> pd.DataFrame:
+        """Long format: layer, top1_logprob (and match_rate)."""
+        values = {"top1_logprob": self.top1_logprob}
+        if self.match_rate is not None:
+            values["match_rate"] = self.match_rate
+        return long_frame(values, dims=("layer",))
+
+
+class LensStream(_Stream):
+    """Streaming :func:`~vlens.analysis.logit_lens`: per-layer confidence and match rate.
+
+    Args:
+        model: The ``HookedVLM``.
+        positions: Which positions of each row (default every image token).
+        k: Top-k for the match rate.
+        labels: Optional ``labels(inputs, row) -> Int[Tensor, "pos"]``, the expected token
+            id at each chosen position of a row (-1: none; at least one labelled).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        positions: PositionSpec = "image",
+        k: int = 10,
+        labels: Optional[Callable[[Any, int], Tensor]] = None,
+    ) -> None:
+        super().__init__()
+        from vlens.analysis._common import fp32_final_norm, fp32_unembed
+
+        vocab = int(model.W_U.shape[-1])
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= vocab:
+            raise AnalysisInputError(f"k must be an int in 1..{vocab} (the vocabulary size), got {k!r}")
+        self.model = model
+        self.positions = positions
+        self.k = k
+        self.labels = labels
+        self.names = resid_hooks(model.n_layers)
+        self._norm, self._unembed = fp32_final_norm(model), fp32_unembed(model)
+
+    def hooks(self, inputs: Any) -> list[tuple[str, Callable]]:
+        """Hooks for one forward pass of ``inputs`` (then call :meth:`commit`)."""
+        layout = inputs.layout
+        rows = []
+        for row in range(layout.batch_size):
+            pos = row_positions(layout, self.positions, row)
+            check_nonempty(pos, "positions", self.positions, row)
+            lab = None
+            if self.labels is not None:
+                lab = torch.as_tensor(self.labels(inputs, row)).long().cpu()
+                if lab.shape != pos.shape or not bool((lab >= 0).any()):
+                    raise AnalysisInputError(
+                        f"labels(inputs, {row}) must give one id per chosen position ({pos.numel()}), "
+                        f"at least one >= 0; got shape {tuple(lab.shape)}"
+                    )
+            rows.append((pos, lab))
+
+        def make(index: int) -> Callable:
+            def reduce(tensor: Any, hook: Any) -> None:
+                if isinstance(tensor, tuple):
+                    tensor = tensor[0]
+                per_row = []
+                for b, (pos, lab) in enumerate(rows):
+                    resid = tensor[b, pos.to(tensor.device)].detach().float()
+                    logprobs = torch.log_softmax(self._unembed(self._norm(resid)), dim=-1)
+                    top = logprobs.topk(self.k, dim=-1)
+                    match = torch.tensor(float("nan"))
+                    if lab is not None:
+                        labelled = lab >= 0
+                        hit = (top.indices.cpu() == lab[:, None]).any(-1) & labelled
+                        match = hit.sum().float() / labelled.sum()
+                    per_row.append(torch.stack([top.values[:, 0].mean().cpu(), match]))
+                self._pending[index] = torch.stack(per_row)
+                return None
+
+            return reduce
+
+        return [(name, make(i)) for i, name in enumerate(self.names)]
+
+    def result(self) -> LensStats:
+        mean, _ = self._mean_std()  # [layer, 2]
+        return LensStats(
+            top1_logprob=mean[:, 0],
+            match_rate=None if self.labels is None else mean[:, 1],
+            n_examples=self._n,
+            k=self.k,
+        )
