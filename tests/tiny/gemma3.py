@@ -77,7 +77,13 @@ def build_gemma3(
         chat_template=CHAT_TEMPLATE,
     )
     if save_model:
-        Gemma3ForConditionalGeneration(config).eval().save_pretrained(out)
+        model = Gemma3ForConditionalGeneration(config).eval()
+        # HF initialises the projection to zeros, which would make every image token
+        # identical; random weights give the image tokens distinct, informative states.
+        with torch.no_grad():
+            projection = model.model.multi_modal_projector.mm_input_projection_weight
+            projection.normal_(0.0, projection.shape[0] ** -0.5)
+        model.save_pretrained(out)
     else:
         config.save_pretrained(out)
     processor.save_pretrained(out)
