@@ -93,3 +93,31 @@ def bench_image(seed: int = 0):
 
     rng = np.random.default_rng(seed)
     return PIL.Image.fromarray(rng.integers(0, 255, size=(300, 400, 3), dtype=np.uint8))
+
+
+def add_model_arguments(parser, image_size: int) -> None:
+    """The options every medium-LLaVA benchmark takes: threads, image size, checkpoint folder."""
+    from pathlib import Path as _Path
+
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--image-size", type=int, default=image_size)
+    parser.add_argument("--model-dir", type=_Path, default=None, help="reuse/keep the random checkpoint here")
+
+
+def medium_llava_folder(args) -> Path:
+    """Set the thread count and build (or reuse) the checkpoint the parsed options name."""
+    import tempfile
+
+    torch.set_num_threads(args.threads)
+    folder = args.model_dir or Path(tempfile.mkdtemp()) / "medium_llava"
+    return build_medium_llava(folder, image_size=args.image_size)
+
+
+def load_medium_llava(args, with_answer: bool = True):
+    """The HookedVLM and the benchmark input (question, with its answer unless told not to)."""
+    from vlens import HookedVLM
+
+    folder = medium_llava_folder(args)
+    model = HookedVLM.from_pretrained(folder, device="cpu")
+    inputs = model.prepare(bench_image(), QUESTION, answer=ANSWER if with_answer else None)
+    return folder, model, inputs

@@ -18,32 +18,24 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
 import torch
+
+from benchmarks._models import add_model_arguments, load_medium_llava
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--naive-tokens", type=int, default=96, help="0: time the naive loop over every token")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--image-size", type=int, default=336)
-    parser.add_argument("--model-dir", type=Path, default=None, help="reuse/keep the random checkpoint here")
+    add_model_arguments(parser, image_size=336)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
 
-    from benchmarks._models import ANSWER, QUESTION, bench_image, build_medium_llava
-    from vlens import HookedVLM
     from vlens import analysis as va
     from vlens.analysis.knockout import row_problems, variant_losses
 
-    folder = args.model_dir or Path(tempfile.mkdtemp()) / "medium_llava"
-    build_medium_llava(folder, image_size=args.image_size)
-    model = HookedVLM.from_pretrained(folder, device="cpu")
-    inputs = model.prepare(bench_image(), QUESTION, answer=ANSWER)
+    _, model, inputs = load_medium_llava(args)
     n_img = int(inputs.layout.image_mask.sum())
     print(f"sequence: {inputs.input_ids.shape[1]} tokens, {n_img} image tokens, {args.threads} threads")
 

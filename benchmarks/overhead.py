@@ -13,30 +13,21 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
 import torch
+
+from benchmarks._models import add_model_arguments, load_medium_llava
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=15)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--model-dir", type=Path, default=None, help="reuse/keep the random checkpoint here")
+    add_model_arguments(parser, image_size=224)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
 
-    from benchmarks._models import QUESTION, bench_image, build_medium_llava
-    from vlens import HookedVLM
-
-    folder = args.model_dir or Path(tempfile.mkdtemp()) / "medium_llava"
-    build_medium_llava(folder, image_size=args.image_size)
-    model = HookedVLM.from_pretrained(folder, device="cpu")
+    folder, model, inputs = load_medium_llava(args, with_answer=False)
     baseline = type(model.hf_model).from_pretrained(folder, attn_implementation="eager").eval()
-    inputs = model.prepare(bench_image(), QUESTION)
     kwargs = inputs.model_kwargs()
     print(f"sequence: {inputs.input_ids.shape[1]} tokens, {int(inputs.layout.image_mask.sum())} image tokens")
 

@@ -13,32 +13,24 @@ Usage: python -m benchmarks.token_count [--threads 2] [--step 8] [--repeats 2] [
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
-from pathlib import Path
 
 import torch
+
+from benchmarks._models import add_model_arguments, load_medium_llava
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--step", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2, help="timed runs of each method (best is reported)")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--image-size", type=int, default=336)
-    parser.add_argument("--model-dir", type=Path, default=None, help="reuse/keep the random checkpoint here")
+    add_model_arguments(parser, image_size=336)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
 
-    from benchmarks._models import ANSWER, QUESTION, bench_image, build_medium_llava
-    from vlens import HookedVLM
     from vlens import analysis as va
 
-    folder = args.model_dir or Path(tempfile.mkdtemp()) / "medium_llava"
-    build_medium_llava(folder, image_size=args.image_size)
-    model = HookedVLM.from_pretrained(folder, device="cpu")
-    inputs = model.prepare(bench_image(), QUESTION, answer=ANSWER)
+    _, model, inputs = load_medium_llava(args)
     layout = inputs.layout
     n_img = int(layout.image_mask.sum())
     counts = list(range(0, n_img + 1, args.step))
