@@ -68,3 +68,15 @@ def assert_generate_matches_hf(model: HookedVLM, reference: torch.nn.Module, inp
     expected = ref[0, kwargs["input_ids"].shape[1]:]
     got = model.generate(inputs, max_new_tokens=n).tokens[0]
     assert torch.equal(got, expected), f"vlens generated {got.tolist()}, HF {expected.tolist()}"
+
+
+BATCH_PROMPTS = ("what is in the image ?", "describe the image .")
+BATCH_ANSWERS = ("a red circle .", "a big blue square on the left .")
+
+
+def batch_and_singles(model: HookedVLM, images: list) -> tuple[VLMInputs, list[VLMInputs]]:
+    """A two-row batch whose rows differ in length, and each row prepared alone."""
+    batch = model.prepare(list(images), list(BATCH_PROMPTS), answer=list(BATCH_ANSWERS))
+    singles = [model.prepare(img, p, answer=a) for img, p, a in zip(images, BATCH_PROMPTS, BATCH_ANSWERS)]
+    assert batch.attention_mask[1].sum() != batch.attention_mask[0].sum()  # rows really differ in length
+    return batch, singles

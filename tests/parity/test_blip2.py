@@ -11,7 +11,7 @@ from tests.parity.blip_checks import (
     assert_language_model_alone_matches,
     claimed_hook_names,
 )
-from tests.parity.helpers import assert_batched_equals_unbatched, assert_generate_matches_hf, hf_reference
+from tests.parity.helpers import batch_and_singles, assert_batched_equals_unbatched, assert_generate_matches_hf, hf_reference
 from tests.tiny.blip import build_blip2
 from vlens import HookedVLM
 
@@ -62,11 +62,7 @@ def test_query_state_edit_flows_downstream(tiny, photo):
 
 def test_batched_equals_unbatched(tiny, photo, photo2):
     model, _ = tiny
-    prompts = ["what is in the image ?", "describe the image ."]
-    answers = ["a red circle .", "a big blue square on the left ."]
-    batch = model.prepare([photo, photo2], prompts, answer=answers)
-    singles = [model.prepare(img, p, answer=a) for img, p, a in zip([photo, photo2], prompts, answers)]
-    assert batch.attention_mask[1].sum() != batch.attention_mask[0].sum()
+    batch, singles = batch_and_singles(model, [photo, photo2])
     assert_batched_equals_unbatched(model, batch, singles)
     for row, single in enumerate(singles):
         assert torch.allclose(

@@ -8,6 +8,7 @@ import torch
 
 from tests.conftest import make_photo
 from tests.parity.helpers import (
+    batch_and_singles,
     assert_batched_equals_unbatched,
     assert_generate_matches_hf,
     assert_matches_hf,
@@ -104,11 +105,7 @@ def test_layout_matches_the_features_hf_scatters(tiny, photo):
 
 def test_batched_equals_unbatched(tiny, photo, wide):
     model, _ = tiny
-    prompts = ["what is in the image ?", "describe the image ."]
-    answers = ["a red circle .", "a big blue square on the left ."]
-    batch = model.prepare([photo, wide], prompts, answer=answers)
-    singles = [model.prepare(img, p, answer=a) for img, p, a in zip([photo, wide], prompts, answers)]
-    assert batch.attention_mask[1].sum() != batch.attention_mask[0].sum()
+    batch, singles = batch_and_singles(model, [photo, wide])
     assert len(batch.layout.images[0][0].tile_grids) == 5 and len(batch.layout.images[1][0].tile_grids) == 3
     assert_batched_equals_unbatched(model, batch, singles)
     for row, single in enumerate(singles):

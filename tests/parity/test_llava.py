@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from tests.parity.helpers import (
+    batch_and_singles,
     assert_batched_equals_unbatched,
     assert_generate_matches_hf,
     assert_matches_hf,
@@ -50,11 +51,7 @@ def test_layout_positions_are_the_image_token_positions(tiny, photo):
 
 def test_batched_equals_unbatched(tiny, photo, photo2):
     model, _ = tiny
-    prompts = ["what is in the image ?", "describe the image ."]
-    answers = ["a red circle .", "a big blue square on the left ."]
-    batch = model.prepare([photo, photo2], prompts, answer=answers)
-    singles = [model.prepare(img, p, answer=a) for img, p, a in zip([photo, photo2], prompts, answers)]
-    assert batch.attention_mask[1].sum() != batch.attention_mask[0].sum()  # rows really differ in length
+    batch, singles = batch_and_singles(model, [photo, photo2])
     assert_batched_equals_unbatched(model, batch, singles)
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tests.parity.helpers import (
+    batch_and_singles,
     assert_batched_equals_unbatched,
     assert_generate_matches_hf,
     assert_matches_hf,
@@ -93,11 +94,7 @@ def test_layout_matches_the_features_hf_scatters(tiny, photo):
 
 def test_batched_equals_unbatched(tiny, photo, photo2):
     model, _ = tiny
-    prompts = ["what is in the image ?", "describe the image ."]
-    answers = ["a red circle .", "a big blue square on the left ."]
-    batch = model.prepare([photo, photo2], prompts, answer=answers)
-    singles = [model.prepare(img, p, answer=a) for img, p, a in zip([photo, photo2], prompts, answers)]
-    assert batch.attention_mask[1].sum() != batch.attention_mask[0].sum()
+    batch, singles = batch_and_singles(model, [photo, photo2])
     # The two images unpad differently (rows dropped vs columns dropped).
     assert batch.layout.images[0][0].tile_grids[1] != batch.layout.images[1][0].tile_grids[1]
     assert_batched_equals_unbatched(model, batch, singles)
