@@ -17,6 +17,12 @@ def hf_reference(model: HookedVLM, path: Path) -> torch.nn.Module:
     return cls.from_pretrained(path, attn_implementation="eager", dtype=torch.float32).eval()
 
 
+def hooked_and_reference(path: Path) -> tuple[HookedVLM, torch.nn.Module]:
+    """The checkpoint as a HookedVLM on the CPU, and Hugging Face's own copy beside it."""
+    model = HookedVLM.from_pretrained(path, device="cpu")
+    return model, hf_reference(model, path)
+
+
 def hf_outputs(reference: torch.nn.Module, inputs: VLMInputs):
     with torch.no_grad():
         return reference(**inputs.model_kwargs(), output_hidden_states=True, output_attentions=True)

@@ -8,14 +8,13 @@ import torch
 
 from tests.conftest import make_photo
 from tests.parity.helpers import (
+    hooked_and_reference,
     assert_batched_equals_unbatched,
     assert_generate_matches_hf,
     assert_matches_hf,
-    hf_reference,
     max_diff,
 )
 from tests.tiny.gemma3 import build_gemma3
-from vlens import HookedVLM
 
 TWO_IMAGES = "compare <start_of_image> and <start_of_image> ."
 
@@ -23,8 +22,7 @@ TWO_IMAGES = "compare <start_of_image> and <start_of_image> ."
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     path = build_gemma3(tmp_path_factory.mktemp("gemma3"))
-    model = HookedVLM.from_pretrained(path, device="cpu")
-    return model, hf_reference(model, path)
+    return hooked_and_reference(path)
 
 
 def test_logits_hidden_states_and_patterns_equal_hf(tiny, photo):

@@ -8,14 +8,13 @@ import torch
 
 from tests.conftest import make_photo
 from tests.parity.helpers import (
+    hooked_and_reference,
     batch_and_singles,
     assert_batched_equals_unbatched,
     assert_generate_matches_hf,
     assert_matches_hf,
-    hf_reference,
 )
 from tests.tiny.idefics3 import build_idefics3
-from vlens import HookedVLM
 
 
 VARIANTS = {
@@ -27,8 +26,7 @@ VARIANTS = {
 @pytest.fixture(scope="module", params=list(VARIANTS))
 def tiny(request, tmp_path_factory):
     path = build_idefics3(tmp_path_factory.mktemp(request.param), **VARIANTS[request.param])
-    model = HookedVLM.from_pretrained(path, device="cpu")
-    return model, hf_reference(model, path)
+    return hooked_and_reference(path)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from tests.parity.blip_checks import (
     assert_language_model_alone_matches,
     claimed_hook_names,
 )
-from tests.parity.helpers import batch_and_singles, assert_batched_equals_unbatched, assert_generate_matches_hf, hf_reference
+from tests.parity.helpers import hooked_and_reference, batch_and_singles, assert_batched_equals_unbatched, assert_generate_matches_hf
 from tests.tiny.blip import build_instructblip
 from vlens import HookedVLM
 
@@ -22,8 +22,7 @@ VARIANTS = {"gqa": dict(n_kv_heads=2), "mha": dict(n_kv_heads=4)}
 @pytest.fixture(scope="module", params=list(VARIANTS))
 def tiny(request, tmp_path_factory):
     path = build_instructblip(tmp_path_factory.mktemp(f"instructblip-{request.param}"), **VARIANTS[request.param])
-    model = HookedVLM.from_pretrained(path, device="cpu")
-    return model, hf_reference(model, path)
+    return hooked_and_reference(path)
 
 
 def test_every_stage_equals_hf(tiny, photo):

@@ -6,14 +6,13 @@ import pytest
 import torch
 
 from tests.parity.helpers import (
+    hooked_and_reference,
     batch_and_singles,
     assert_batched_equals_unbatched,
     assert_generate_matches_hf,
     assert_matches_hf,
-    hf_reference,
 )
 from tests.tiny.llava import build_llava
-from vlens import HookedVLM
 
 VARIANTS = {
     "clip-gqa": dict(tower="clip", n_kv_heads=2),
@@ -25,8 +24,7 @@ VARIANTS = {
 @pytest.fixture(scope="module", params=list(VARIANTS))
 def tiny(request, tmp_path_factory):
     path = build_llava(tmp_path_factory.mktemp(request.param), **VARIANTS[request.param])
-    model = HookedVLM.from_pretrained(path, device="cpu")
-    return model, hf_reference(model, path)
+    return hooked_and_reference(path)
 
 
 def test_logits_hidden_states_and_patterns_equal_hf(tiny, photo):

@@ -7,21 +7,19 @@ import pytest
 import torch
 
 from tests.parity.helpers import (
+    hooked_and_reference,
     batch_and_singles,
     assert_batched_equals_unbatched,
     assert_generate_matches_hf,
     assert_matches_hf,
-    hf_reference,
 )
 from tests.tiny.llava_next import build_llava_next
-from vlens import HookedVLM
 
 
 @pytest.fixture(scope="module", params=["clip", "siglip"])
 def tiny(request, tmp_path_factory):
     path = build_llava_next(tmp_path_factory.mktemp(f"llava_next_{request.param}"), tower=request.param)
-    model = HookedVLM.from_pretrained(path, device="cpu")
-    return model, hf_reference(model, path)
+    return hooked_and_reference(path)
 
 
 def test_logits_hidden_states_and_patterns_equal_hf(tiny, photo):
