@@ -15,12 +15,14 @@ Two engines give the same losses:
   have exactly the full sequence's keys and values (same tokens, same positions). The
   full sequence runs once with a key/value cache; each variant then runs only its
   suffix (kept tokens from c on, at positions c, c+1, ...), batched with other
-  variants: the cache is cut to the chunk's largest c and each row's attention mask
-  hides the cache entries at or after its own c.
+  variants: the chunk attends to the cache up to its largest c (held in buffers filled
+  once per call, see `_PrefixBuffers`) and each row's attention mask hides the cache
+  entries at or after its own c.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -158,8 +160,6 @@ def _naive_loss(model: Any, problem: RowProblem, keep: Tensor) -> Tensor:
 
 
 def _kv_losses(model: Any, problem: RowProblem, keeps: Tensor, batch_size: int, max_tokens: int) -> Tensor:
-    from transformers import DynamicCache
-
     device = problem.embeds.device
     length = problem.embeds.shape[0]
     targets = problem.ids[problem.answer]
@@ -185,9 +185,82 @@ def _kv_losses(model: Any, problem: RowProblem, keeps: Tensor, batch_size: int, 
     if bool((first[todo] > problem.answer[0] - 1).any()):
         raise AnalysisInputError("a variant removes a token after the answer starts; only earlier tokens can go")
     suffix_len = keeps[todo].sum(1) - first[todo]  # every position before the first removed one is kept
-    for chunk in _chunks(todo, suffix_len.tolist(), batch_size, max_tokens):
-        losses[chunk] = _suffix_losses(model, problem, keeps[chunk], first[chunk], kv, targets, DynamicCache)
+    groups = _chunks(todo, suffix_len.tolist(), batch_size, max_tokens)
+    if groups:
+        rows = max(len(g) for g in groups)
+        buffers = _PrefixBuffers(kv, rows, length + int(suffix_len.max()))
+        for chunk in groups:
+            losses[chunk] = _suffix_losses(model, problem, keeps[chunk], first[chunk], buffers, targets)
     return losses
+
+
+class _PrefixBuffers:
+    """Per layer, one key and one value buffer ``[rows, heads, room, head_dim]`` whose first
+    ``length`` slots hold the full sequence's cache, copied to every row once.
+
+    A chunk whose largest first-removed position is c writes its suffix's keys and values at
+    slots c, c+1, ... and attends to slots ``< c + suffix``; rows with a smaller c hide the
+    slots between their own c and the chunk's through the attention mask. This replaces
+    concatenating a per-chunk copy of the prefix (``batch x c`` per layer, each chunk), which
+    dominated the engine's time, with one copy per call plus restoring the few slots a suffix
+    overwrote.
+    """
+
+    def __init__(self, kv: list[tuple[Tensor, Tensor]], rows: int, room: int) -> None:
+        self.prefix = kv
+        self.buffers = []
+        for k, v in kv:
+            kb = k.new_empty(rows, k.shape[1], room, k.shape[3])
+            vb = v.new_empty(rows, v.shape[1], room, v.shape[3])
+            kb[:, :, : k.shape[2]] = k
+            vb[:, :, : v.shape[2]] = v
+            self.buffers.append((kb, vb))
+
+    def cache(self, rows: int, prefix_len: int) -> Any:
+        """A Hugging Face cache over the first ``rows`` rows holding ``prefix_len`` slots."""
+        from transformers.cache_utils import Cache, DynamicCache
+
+        layer_class = _buffer_layer_class()
+        layers = [layer_class(kb, vb, rows, prefix_len) for kb, vb in self.buffers]
+        cache = DynamicCache.__new__(DynamicCache)
+        Cache.__init__(cache, layers=layers)
+        return cache
+
+    def restore(self, start: int, stop: int) -> None:
+        """Puts the full sequence's entries back into slots ``start..stop-1`` after a chunk."""
+        for (k, v), (kb, vb) in zip(self.prefix, self.buffers):
+            stop_here = min(stop, k.shape[2])
+            if start < stop_here:
+                kb[:, :, start:stop_here] = k[:, :, start:stop_here]
+                vb[:, :, start:stop_here] = v[:, :, start:stop_here]
+
+
+@functools.cache
+def _buffer_layer_class() -> type:
+    # Defined on first use: vlens imports transformers only when a model is used.
+    from transformers.cache_utils import DynamicLayer
+
+    class BufferLayer(DynamicLayer):
+        """A cache layer whose ``update`` writes into a `_PrefixBuffers` slot range."""
+
+        def __init__(self, keys: Tensor, values: Tensor, rows: int, prefix_len: int) -> None:
+            super().__init__()
+            self._key_buffer, self._value_buffer = keys, values
+            self._rows, self._prefix_len = rows, prefix_len
+            self.dtype, self.device = keys.dtype, keys.device
+            self.keys = keys[:rows, :, :prefix_len]
+            self.values = values[:rows, :, :prefix_len]
+            self.is_initialized = True
+
+        def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+            stop = self._prefix_len + key_states.shape[-2]
+            self._key_buffer[: self._rows, :, self._prefix_len : stop] = key_states
+            self._value_buffer[: self._rows, :, self._prefix_len : stop] = value_states
+            self.keys = self._key_buffer[: self._rows, :, :stop]
+            self.values = self._value_buffer[: self._rows, :, :stop]
+            return self.keys, self.values
+
+    return BufferLayer
 
 
 def _chunks(order: Tensor, lengths: list[int], batch_size: int, max_tokens: int) -> list[Tensor]:
@@ -206,7 +279,7 @@ def _chunks(order: Tensor, lengths: list[int], batch_size: int, max_tokens: int)
 
 
 def _suffix_losses(
-    model: Any, problem: RowProblem, keeps: Tensor, starts: Tensor, kv: list, targets: Tensor, cache_cls: type
+    model: Any, problem: RowProblem, keeps: Tensor, starts: Tensor, buffers: _PrefixBuffers, targets: Tensor
 ) -> Tensor:
     device = problem.embeds.device
     batch = keeps.shape[0]
@@ -235,9 +308,7 @@ def _suffix_losses(
     if bool((pred < 0).any()):
         raise AnalysisInputError("a variant's first removed token is the one right before the answer")
     keep_idx, inverse = pred.flatten().unique(return_inverse=True)
-    past = None
-    if c_max > 0:
-        past = cache_cls(ddp_cache_data=[(k[:, :, :c_max].expand(batch, -1, -1, -1), v[:, :, :c_max].expand(batch, -1, -1, -1)) for k, v in kv])
+    past = buffers.cache(batch, c_max) if c_max > 0 else None
     logits, _ = model.run_language_model(
         embeds,
         attention_mask=mask,
@@ -247,10 +318,14 @@ def _suffix_losses(
         logits_to_keep=keep_idx,
         extras=extras or None,
     )
-    picked = logits.gather(1, inverse.view(batch, -1, 1).expand(-1, -1, logits.shape[-1]))
-    ce = torch.nn.functional.cross_entropy(
-        picked.float().flatten(0, 1), targets.repeat(batch), reduction="none"
-    ).view(batch, -1)
+    if past is not None:
+        buffers.restore(c_max, c_max + s_max)
+    # Cross-entropy as logsumexp minus the target's logit, read where each row predicts
+    # each target: no copy of the [batch, answer, vocab] logits is made.
+    logits = logits.float()
+    rows = torch.arange(batch, device=device)[:, None]
+    where = inverse.view(batch, -1)
+    ce = logits.logsumexp(-1)[rows, where] - logits[rows, where, targets[None, :]]
     return ce.mean(1)
 
 
