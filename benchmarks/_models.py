@@ -121,3 +121,22 @@ def load_medium_llava(args, with_answer: bool = True):
     model = HookedVLM.from_pretrained(folder, device="cpu")
     inputs = model.prepare(bench_image(), QUESTION, answer=ANSWER if with_answer else None)
     return folder, model, inputs
+
+
+def load_plain_hf(folder: Path) -> LlavaForConditionalGeneration:
+    """A second, untouched copy of the checkpoint: the plain Hugging Face baseline."""
+    return LlavaForConditionalGeneration.from_pretrained(folder, attn_implementation="eager").eval()
+
+
+def plain_hf_answer_loss(baseline, embeds, keep, answer, targets) -> torch.Tensor:
+    """What a hand-written loop does for one knock-out variant.
+
+    One plain Hugging Face forward on the kept positions of ``embeds`` (the row's merged
+    input embeddings, ``[pos, d_model]``), logits at every position as the model returns
+    them, then the mean cross-entropy of the answer tokens (``answer``: their positions in
+    the full row, all kept; ``targets``: their ids).
+    """
+    kept = embeds[keep][None]
+    out = baseline(inputs_embeds=kept, attention_mask=torch.ones(1, kept.shape[1], dtype=torch.long))
+    new_index = keep.long().cumsum(0) - 1
+    return torch.nn.functional.cross_entropy(out.logits[0, new_index[answer] - 1].float(), targets)
