@@ -9,6 +9,9 @@ On the medium random LLaVA at 336 px (576 image tokens), side by side in one pro
   (``engine="naive"``). Every such forward has the same length, so by default it runs
   on ``--naive-tokens`` evenly spread tokens and the per-token time is scaled to 576
   (``--naive-tokens 0`` runs all of them);
+* the plain Hugging Face baseline on the same tokens: a second, untouched copy of the
+  checkpoint, one ``model(inputs_embeds=...)`` forward per dropped token with the logits
+  of every position, as a hand-written loop gets them;
 * ``method="gradient"`` against one plain forward of the whole model (vision included).
 
 Usage: python -m benchmarks.contributions [--threads 2] [--naive-tokens 96] [--model-dir DIR]
@@ -22,7 +25,7 @@ import time
 
 import torch
 
-from benchmarks._models import add_model_arguments, load_medium_llava
+from benchmarks._models import add_model_arguments, load_medium_llava, load_plain_hf, plain_hf_answer_loss
 
 
 def main() -> None:
@@ -35,7 +38,8 @@ def main() -> None:
     from vlens import analysis as va
     from vlens.analysis.knockout import row_problems, variant_losses
 
-    _, model, inputs = load_medium_llava(args)
+    folder, model, inputs = load_medium_llava(args)
+    baseline = load_plain_hf(folder)
     n_img = int(inputs.layout.image_mask.sum())
     print(f"sequence: {inputs.input_ids.shape[1]} tokens, {n_img} image tokens, {args.threads} threads")
 
@@ -63,6 +67,14 @@ def main() -> None:
         c_naive = c_naive_part * n_img / len(chosen)
         diff = float((naive_losses - float(drop.full_loss) - drop.delta_loss[chosen]).abs().max())
 
+        targets = problem.ids[problem.answer]
+        plain_hf_answer_loss(baseline, problem.embeds, keeps[0], problem.answer, targets)  # warm-up
+        start, cpu = time.perf_counter(), time.process_time()
+        hf_losses = torch.stack([plain_hf_answer_loss(baseline, problem.embeds, keep, problem.answer, targets) for keep in keeps])
+        t_hf = (time.perf_counter() - start) * n_img / len(chosen)
+        c_hf = (time.process_time() - cpu) * n_img / len(chosen)
+        diff_hf = float((hf_losses - float(drop.full_loss) - drop.delta_loss[chosen]).abs().max())
+
     grads = []
     for _ in range(3):
         start = time.perf_counter()
@@ -73,7 +85,10 @@ def main() -> None:
     print(f"one forward of the whole model      {forward:7.3f} s (median of 5)")
     print(f"drop, shared prefix (576 tokens)    {t_drop:7.2f} s")
     print(f"drop, one forward per token         {t_naive:7.2f} s  ({len(chosen)} timed: {t_naive_part:.2f} s, scaled)")
-    print(f"speed-up naive/kv: {t_naive / t_drop:.2f}x wall, {c_naive / c_drop:.2f}x cpu time (target >= 1.7x); "
+    print(f"drop, plain Hugging Face loop       {t_hf:7.2f} s  (same tokens, scaled)")
+    print(f"speed-up hf_loop/kv: {t_hf / t_drop:.2f}x wall, {c_hf / c_drop:.2f}x cpu time (target >= 1.7x); "
+          f"max |delta_kv - delta_hf| = {diff_hf:.2e}")
+    print(f"speed-up naive/kv: {t_naive / t_drop:.2f}x wall, {c_naive / c_drop:.2f}x cpu time; "
           f"max |delta_kv - delta_naive| = {diff:.2e}")
     print(f"gradient (forward + backward)       {t_grad:7.3f} s = {t_grad / forward:.2f} forwards (target <= 3)")
     a, b = drop.delta_loss.double(), grad.delta_loss.double()
