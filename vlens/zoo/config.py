@@ -68,6 +68,9 @@ class RecipeConfig:
         caption_fraction: Share of stage-(d) examples that are captions (keeps captioning alive).
         object_patch_weight: Stage-(a) loss weight of object patches relative to background ones.
         text_loss_on: Stage-(b) supervision, ``"answer"`` or ``"all"`` tokens.
+        check_every: Held-out checks every this many steps of stages (c) and (d), recorded in
+            the training report as learning curves (0: none). They use no training data or
+            randomness, so they do not change the weights.
     """
 
     arch: Architecture
@@ -80,6 +83,7 @@ class RecipeConfig:
     caption_fraction: float = 1 / 6
     object_patch_weight: float = 4.0
     text_loss_on: str = "answer"
+    check_every: int = 500
 
 
 def recipe_config(scale: Scale) -> RecipeConfig:
@@ -90,9 +94,9 @@ def recipe_config(scale: Scale) -> RecipeConfig:
             pool_size=16_000,
             eval_size=300,
             vision=StageSchedule(steps=1000, batch_size=64, lr=2e-3),
-            text=StageSchedule(steps=400, batch_size=64, lr=2e-3),
+            text=StageSchedule(steps=1000, batch_size=64, lr=2e-3),
             align=StageSchedule(steps=300, batch_size=48, lr=1e-3),
-            instruct=StageSchedule(steps=1000, batch_size=48, lr=1.5e-3),
+            instruct=StageSchedule(steps=2500, batch_size=48, lr=1.5e-3),
         )
     if scale == "tiny":
         return RecipeConfig(
@@ -106,6 +110,7 @@ def recipe_config(scale: Scale) -> RecipeConfig:
             text=StageSchedule(steps=3, batch_size=4, lr=1e-3),
             align=StageSchedule(steps=3, batch_size=4, lr=1e-3),
             instruct=StageSchedule(steps=3, batch_size=4, lr=1e-3),
+            check_every=2,
         )
     raise ValueError(f"unknown scale {scale!r}; expected 'tiny' or 'full'")
 

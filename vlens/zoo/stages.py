@@ -33,12 +33,14 @@ from vlens.zoo.examples import N_COUNTS, PATCH_HEADS, Batch, Encoder, ScenePool,
 
 @dataclass(frozen=True)
 class StageResult:
-    """Outcome of one stage: its name, wall time, and smoothed loss at the start and the end."""
+    """Outcome of one stage: its name, wall time, smoothed loss at the start and the end, and
+    the held-out checks made during the stage (``(step, scores)``; their time is excluded)."""
 
     name: str
     seconds: float
     first_loss: float
     final_loss: float
+    checks: tuple[tuple[int, dict[str, float]], ...] = ()
 
 
 class VisionHeads(nn.Module):
@@ -69,8 +71,14 @@ def _run(
     schedule: StageSchedule,
     loss_at: Callable[[int], Tensor],
     progress: bool,
+    check: Callable[[], dict[str, float]] | None = None,
+    check_every: int = 0,
 ) -> StageResult:
-    """AdamW with linear warm-up and cosine decay to 10%; gradient norm clipped at 1."""
+    """AdamW with linear warm-up and cosine decay to 10%; gradient norm clipped at 1.
+
+    With ``check``, it is called every ``check_every`` steps (not after the last one) to record
+    the learning curve; the time it takes is not counted in the stage's seconds.
+    """
     params = [p for p in params if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=schedule.lr, betas=(0.9, 0.98), weight_decay=0.0)
     warm = max(1, int(schedule.warmup * schedule.steps))
@@ -84,6 +92,8 @@ def _run(
     lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     start = time.perf_counter()
     ema = first = float("nan")
+    checks: list[tuple[int, dict[str, float]]] = []
+    paused = 0.0
     bar = tqdm(range(schedule.steps), desc=name, disable=not progress, dynamic_ncols=True)
     for step in bar:
         loss = loss_at(step)
@@ -97,8 +107,12 @@ def _run(
         if step == min(9, schedule.steps - 1):
             first = ema
         bar.set_postfix(loss=f"{ema:.4f}")
+        if check is not None and check_every and (step + 1) % check_every == 0 and step + 1 < schedule.steps:
+            t = time.perf_counter()
+            checks.append((step + 1, check()))
+            paused += time.perf_counter() - t
     bar.close()
-    return StageResult(name, time.perf_counter() - start, first, ema)
+    return StageResult(name, time.perf_counter() - start - paused, first, ema, tuple(checks))
 
 
 def _set_trainable(model: nn.Module, trainable: list[nn.Module]) -> list[nn.Parameter]:
@@ -245,6 +259,8 @@ def train_multimodal(
     train_lm: bool,
     caption_fraction: float,
     progress: bool = True,
+    check: Callable[[], dict[str, float]] | None = None,
+    check_every: int = 0,
 ) -> StageResult:
     """Stages (c) (``train_lm=False``: projector only) and (d) (projector + language model).
 
@@ -268,4 +284,4 @@ def train_multimodal(
         return answer_loss(logits, batch.labels)
 
     name = "d: instruct" if train_lm else "c: projector"
-    return _run(name, params, schedule, loss_at, progress)
+    return _run(name, params, schedule, loss_at, progress, check, check_every)
