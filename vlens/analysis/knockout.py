@@ -188,7 +188,10 @@ def _kv_losses(model: Any, problem: RowProblem, keeps: Tensor, batch_size: int, 
     groups = _chunks(todo, suffix_len.tolist(), batch_size, max_tokens)
     if groups:
         rows = max(len(g) for g in groups)
-        buffers = _PrefixBuffers(kv, rows, length + int(suffix_len.max()))
+        # Slots a chunk uses: its largest c plus its longest suffix (at most ~length).
+        suffix_of = dict(zip(todo.tolist(), suffix_len.tolist()))
+        room = max(int(first[g].max()) + max(suffix_of[i] for i in g.tolist()) for g in groups)
+        buffers = _PrefixBuffers(kv, rows, max(room, length))
         for chunk in groups:
             losses[chunk] = _suffix_losses(model, problem, keeps[chunk], first[chunk], buffers, targets)
     return losses
