@@ -41,6 +41,21 @@ def stage_table(reports: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def curve_table(reports: list[dict]) -> str:
+    """Held-out checks during each stage (``checks``) and after it: the learning curves."""
+    lines = ["| seed | stage | step | " + " | ".join(KINDS) + " |", "|---|---|---|" + "---|" * len(KINDS)]
+    for r in reports:
+        for name, st in r["stages"].items():
+            points = [(step, scores) for step, scores in st.get("checks", [])]
+            if not points:
+                continue
+            points.append((r["config"][name]["steps"], st["heldout"]))
+            for step, scores in points:
+                cells = " | ".join(f"{scores.get(k, float('nan')):.3f}" for k in KINDS)
+                lines.append(f"| {r['seed']} | {name} | {step} | {cells} |")
+    return "\n".join(lines)
+
+
 def layer_table(report: dict) -> str:
     """Per layer: logit-lens match rates, shuffled control, and cosine similarities."""
     lay = report["layers"]
@@ -63,6 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     reports = [json.loads((f / "training_report.json").read_text()) for f in folders]
     print(accuracy_table(reports), end="\n\n")
     print(stage_table(reports), end="\n\n")
+    print(curve_table(reports), end="\n\n")
     for r in reports:
         print(f"seed {r['seed']} ({r['layers']['n_patches']} object patches)")
         print(layer_table(r), end="\n\n")
