@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from types import SimpleNamespace
 
 import torch
 
@@ -62,11 +63,10 @@ def main() -> None:
     args = parser.parse_args()
 
     from vlens import analysis as va
+    from vlens.analysis.knockout import row_problems
 
     folder, model, inputs = load_medium_llava(args)
     baseline = load_plain_hf(folder)
-    from vlens.analysis.knockout import row_problems
-
     (problem,) = row_problems(model, inputs, "benchmark")
     targets = problem.ids[problem.answer]
     layout = inputs.layout
@@ -100,7 +100,7 @@ def main() -> None:
         if method == "hf_loop":
             loss = torch.stack([plain_hf_answer_loss(baseline, problem.embeds, keep_first(k), problem.answer, targets)
                                 for k in counts])
-            result = type("HFLoop", (), {"loss": loss})()
+            result = SimpleNamespace(loss=loss)
         else:
             result = va.token_count_curve(model, inputs, counts=counts, method=method, batch_size=args.batch_size)
         return time.perf_counter() - start, time.process_time() - cpu, result

@@ -189,8 +189,9 @@ def _kv_losses(model: Any, problem: RowProblem, keeps: Tensor, batch_size: int, 
     if groups:
         rows = max(len(g) for g in groups)
         # Slots a chunk uses: its largest c plus its longest suffix (at most ~length).
-        suffix_of = dict(zip(todo.tolist(), suffix_len.tolist()))
-        room = max(int(first[g].max()) + max(suffix_of[i] for i in g.tolist()) for g in groups)
+        suffix_of = torch.zeros_like(first)
+        suffix_of[todo] = suffix_len
+        room = max(int(first[g].max() + suffix_of[g].max()) for g in groups)
         buffers = _PrefixBuffers(kv, rows, max(room, length))
         for chunk in groups:
             losses[chunk] = _suffix_losses(model, problem, keeps[chunk], first[chunk], buffers, targets)

@@ -46,7 +46,7 @@ def curve_table(reports: list[dict]) -> str:
     lines = ["| seed | stage | step | " + " | ".join(KINDS) + " |", "|---|---|---|" + "---|" * len(KINDS)]
     for r in reports:
         for name, st in r["stages"].items():
-            points = [(step, scores) for step, scores in st.get("checks", [])]
+            points = list(st.get("checks", []))
             if not points:
                 continue
             points.append((r["config"][name]["steps"], st["heldout"]))

@@ -142,15 +142,16 @@ def run_recipe(
     t = time.perf_counter()
     states, eval_states = vision_states(model, pool.pixels), vision_states(model, eval_pool.pixels)
     log(f"vision states cached ({time.perf_counter() - t:.0f}s)")
+
+    def check() -> dict[str, float]:
+        return teacher_forced_exact(model, encoder, eval_pool, eval_states)
+
     for key, train_lm, sched, rng in (("align", False, cfg.align, rngs[2]),
                                       ("instruct", True, cfg.instruct, rngs[3])):
-        def check(eval_states=eval_states) -> dict[str, float]:
-            return teacher_forced_exact(model, encoder, eval_pool, eval_states)
-
         result = train_multimodal(model, pool, states, encoder, sched, rng, train_lm=train_lm,
                                   caption_fraction=cfg.caption_fraction, progress=progress,
                                   check=check, check_every=cfg.check_every)
-        metrics = teacher_forced_exact(model, encoder, eval_pool, eval_states)
+        metrics = check()
         report["stages"][key] = {**dataclasses.asdict(result), "heldout": metrics}
         log(f"  ({'d' if train_lm else 'c'}) held-out answers: {_fmt(metrics)}")
     del states
@@ -190,9 +191,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m vlens.zoo.train", description=__doc__.split("\n")[1])
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
-    # One thread by default: the toy's matrices are too small for a second thread to pay off
-    # (measured: slower per step under load), results are bit-reproducible for a fixed thread
-    # count, and two seeds can train side by side on a 2-core machine.
+    # One thread by default: results are bit-reproducible only for a fixed thread count and the
+    # shipped checkpoint was trained with one, and two seeds can train side by side on a 2-core
+    # machine. (Measured: two threads make a step about 1.3x faster on an idle machine, but
+    # slower than one under load.)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--scale", choices=("tiny", "full"), default="full")
     args = parser.parse_args(argv)
