@@ -11,7 +11,7 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from vlens.data import generate_scene
 from vlens.zoo.config import build_model, recipe_config
-from vlens.zoo.examples import Encoder, build_pool
+from vlens.zoo.examples import Encoder, build_pool, describe, questions_for_eval
 from vlens.zoo.processor import build_processor, prompt_text
 from vlens.zoo.stages import multimodal_logits, vision_states
 from vlens.zoo.train import run_recipe
@@ -90,6 +90,69 @@ def test_spliced_forward_equals_hf_forward() -> None:
     assert torch.allclose(ours, ref, atol=1e-5)
 
 
+def _branch_logits_equal_separate_forwards(model, encoder, packed_batch, packed, encodings_per_row,
+                                           forward) -> None:
+    logits = forward(packed_batch, rows=slice(None))
+    for row, encodings in enumerate(encodings_per_row):
+        p = packed[row]
+        for k, encoding in enumerate(encodings, start=1):
+            alone = forward(encoder.collate([encoding]), rows=slice(row, row + 1))[0]
+            # The tokens branch k sees, in order: the shared ones, then its own.
+            seen = [j for j, b in enumerate(p.branch) if b in (0, k)]
+            assert [p.ids[j] for j in seen] == encoding[0]
+            assert torch.allclose(logits[row, seen], alone, atol=1e-5)
+
+
+def test_packed_image_questions_compute_what_separate_ones_do() -> None:
+    torch.manual_seed(0)
+    processor = build_processor(64, 8)
+    model = build_model(recipe_config("tiny").arch, processor).eval()
+    encoder = Encoder(processor, n_image_tokens=64)
+    scenes = [generate_scene(s) for s in (3, 4)]
+    states = vision_states(model, build_pool(scenes).pixels)
+    encodings = [[encoder.encode(qa.question, qa.answer, with_image=True) for qa in questions_for_eval(s)]
+                 for s in scenes]
+    packed = [encoder.pack(e) for e in encodings]
+    # Shared: bos, "USER", ":" and the 64 image placeholders, and no more (questions differ).
+    assert all(p.branch.count(0) == 67 for p in packed)
+
+    def forward(batch, rows):
+        with torch.no_grad():
+            return multimodal_logits(model, batch, states[rows], encoder.image_token_id)
+
+    _branch_logits_equal_separate_forwards(model, encoder, encoder.collate_packed(packed), packed,
+                                           encodings, forward)
+    # Supervised tokens are exactly the answers of every branch.
+    labels = encoder.collate_packed(packed).labels[0]
+    answers = " ".join(qa.answer + " </s>" for qa in questions_for_eval(scenes[0]))
+    assert processor.tokenizer.decode(labels[labels != -100]) == answers
+
+
+def test_packed_text_dialogues_compute_what_separate_ones_do() -> None:
+    import numpy as np
+
+    torch.manual_seed(1)
+    processor = build_processor(64, 8)
+    model = build_model(recipe_config("tiny").arch, processor).eval()
+    encoder = Encoder(processor, n_image_tokens=64)
+    rng = np.random.default_rng(0)
+    encodings = []
+    for seed in (7, 8):
+        scene = generate_scene(seed)
+        context = describe(scene, rng)
+        encodings.append([encoder.encode(context + " " + qa.question, qa.answer, with_image=False)
+                          for qa in questions_for_eval(scene)])
+    packed = [encoder.pack(e) for e in encodings]
+
+    def forward(batch, rows):
+        with torch.no_grad():
+            return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                         position_ids=batch.position_ids).logits
+
+    _branch_logits_equal_separate_forwards(model, encoder, encoder.collate_packed(packed), packed,
+                                           encodings, forward)
+
+
 def test_bad_arguments_are_named(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="huge"):
         recipe_config("huge")  # type: ignore[arg-type]
@@ -98,3 +161,8 @@ def test_bad_arguments_are_named(tmp_path: Path) -> None:
     encoder = Encoder(build_processor(64, 8), n_image_tokens=64)
     with pytest.raises(ValueError, match="hexagon"):
         encoder.encode("what shape is at center ?", "hexagon", with_image=True)
+    same = encoder.encode("what shape is at center ?", "circle", with_image=True)
+    with pytest.raises(ValueError, match="same prompt"):
+        encoder.pack([same, encoder.encode("what shape is at center ?", "square", with_image=True)])
+    with pytest.raises(ValueError, match="at least one"):
+        encoder.pack([])

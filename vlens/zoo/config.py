@@ -68,6 +68,9 @@ class RecipeConfig:
         caption_fraction: Share of stage-(d) examples that are captions (keeps captioning alive).
         object_patch_weight: Stage-(a) loss weight of object patches relative to background ones.
         text_loss_on: Stage-(b) supervision, ``"answer"`` or ``"all"`` tokens.
+        packed: Stages (b) and (d) train on every question of a scene at once, each in its own
+            branch after the shared image or description (`Encoder.pack`); their batch sizes
+            then count scenes, and ``caption_fraction`` is unused.
         check_every: Held-out checks every this many steps of stages (c) and (d), recorded in
             the training report as learning curves (0: none). They use no training data or
             randomness, so they do not change the weights.
@@ -84,6 +87,7 @@ class RecipeConfig:
     object_patch_weight: float = 4.0
     text_loss_on: str = "answer"
     check_every: int = 500
+    packed: bool = False
 
 
 def recipe_config(scale: Scale) -> RecipeConfig:
@@ -111,6 +115,7 @@ def recipe_config(scale: Scale) -> RecipeConfig:
             align=StageSchedule(steps=3, batch_size=4, lr=1e-3),
             instruct=StageSchedule(steps=3, batch_size=4, lr=1e-3),
             check_every=2,
+            packed=True,  # the smoke test exercises the packed stages
         )
     raise ValueError(f"unknown scale {scale!r}; expected 'tiny' or 'full'")
 

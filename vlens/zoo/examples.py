@@ -108,11 +108,31 @@ def questions_for_eval(scene: Scene) -> list[QA]:
 
 @dataclass(frozen=True)
 class Batch:
-    """A right-padded batch; ``labels`` is -100 outside the supervised tokens."""
+    """A right-padded batch; ``labels`` is -100 outside the supervised tokens.
+
+    Plain batches carry a 2D padding mask and no position ids. Packed batches (`Encoder.collate_packed`)
+    carry a 4D additive mask ``[batch, 1, pos, pos]`` and the position of every token.
+    """
 
     input_ids: Int[Tensor, "batch pos"]
-    attention_mask: Int[Tensor, "batch pos"]
+    attention_mask: Int[Tensor, "batch pos"] | Float[Tensor, "batch 1 pos pos"]
     labels: Int[Tensor, "batch pos"]
+    position_ids: Int[Tensor, "batch pos"] | None = None
+
+
+@dataclass(frozen=True)
+class Packed:
+    """Several dialogues that share their first ``n_shared`` tokens, stored as one sequence.
+
+    ``ids``/``loss`` hold the shared tokens once, then each dialogue's own tokens (a branch).
+    ``branch`` is 0 for shared tokens and k >= 1 for the k-th branch; ``positions`` restart
+    after the shared part in every branch, so each branch sees exactly what it would alone.
+    """
+
+    ids: list[int]
+    loss: list[bool]
+    branch: list[int]
+    positions: list[int]
 
 
 class Encoder:
@@ -169,6 +189,65 @@ class Encoder:
         else:
             raise ValueError(f"loss_on must be 'answer' or 'all', got {loss_on!r}")
         return ids, mask
+
+    def pack(self, encoded: list[tuple[list[int], list[bool]]]) -> Packed:
+        """Packs encodings that start alike into one sequence whose branches cannot see each other.
+
+        The shared part is the longest common prefix without supervised tokens (at least one
+        token is left to every branch). With causal attention restricted to the shared part and
+        the token's own branch, and positions restarted per branch, every branch computes what
+        it would as its own sequence (`tests/unit/test_toy_recipe.py` checks the logits), while
+        the shared context (an image's 64 tokens, a scene description) is computed once. Unlike
+        a multi-turn dialogue, no answer can be copied from another question about the same scene.
+        """
+        if not encoded:
+            raise ValueError("pack needs at least one encoding, got none")
+        shortest = min(len(ids) for ids, _ in encoded)
+        n_shared = 0
+        first_ids, first_loss = encoded[0]
+        while (n_shared < shortest - 1 and not first_loss[n_shared]
+               and all(ids[n_shared] == first_ids[n_shared] and not loss[n_shared]
+                       for ids, loss in encoded)):
+            n_shared += 1
+        if any(loss[n_shared] for _, loss in encoded):
+            # The loss reads each token's prediction from the token stored before it, which
+            # must then be in the same branch.
+            raise ValueError("pack needs every branch to start with an unsupervised token; "
+                             "got two dialogues with the same prompt")
+        ids, loss = list(first_ids[:n_shared]), [False] * n_shared
+        branch, positions = [0] * n_shared, list(range(n_shared))
+        for k, (b_ids, b_loss) in enumerate(encoded, start=1):
+            ids += b_ids[n_shared:]
+            loss += b_loss[n_shared:]
+            branch += [k] * (len(b_ids) - n_shared)
+            positions += range(n_shared, len(b_ids))
+        return Packed(ids, loss, branch, positions)
+
+    def collate_packed(self, packed: list[Packed]) -> Batch:
+        """Right-pads packed sequences into a `Batch` with a 4D mask and position ids.
+
+        Token i may attend to token j iff j <= i and j is shared or in i's branch. Padding
+        tokens attend to themselves only (they carry no loss), so no softmax row is empty.
+        """
+        length = max(len(p.ids) for p in packed)
+        input_ids = torch.full((len(packed), length), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(packed), length), -100, dtype=torch.long)
+        positions = torch.zeros((len(packed), length), dtype=torch.long)
+        allowed = torch.eye(length, dtype=torch.bool).repeat(len(packed), 1, 1)
+        causal = torch.ones(length, length, dtype=torch.bool).tril()
+        for row, p in enumerate(packed):
+            n = len(p.ids)
+            t = torch.tensor(p.ids, dtype=torch.long)
+            input_ids[row, :n] = t
+            labels[row, :n] = torch.where(torch.tensor(p.loss), t, -100)
+            positions[row, :n] = torch.tensor(p.positions)
+            branch = torch.tensor(p.branch)
+            visible = (branch[None, :] == 0) | (branch[None, :] == branch[:, None])
+            allowed[row, :n, :n] = visible & causal[:n, :n]
+        mask = torch.zeros(allowed.shape, dtype=torch.float32)
+        mask.masked_fill_(~allowed, torch.finfo(torch.float32).min)
+        return Batch(input_ids=input_ids, attention_mask=mask[:, None], labels=labels,
+                     position_ids=positions)
 
     def collate(self, encoded: list[tuple[list[int], list[bool]]]) -> Batch:
         """Right-pads encodings into a `Batch`."""

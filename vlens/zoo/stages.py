@@ -28,7 +28,17 @@ from tqdm.auto import tqdm
 from transformers import LlavaForConditionalGeneration
 
 from vlens.zoo.config import StageSchedule
-from vlens.zoo.examples import N_COUNTS, PATCH_HEADS, Batch, Encoder, ScenePool, describe, sample_qa
+from vlens.zoo.examples import (
+    N_COUNTS,
+    PATCH_HEADS,
+    Batch,
+    Encoder,
+    Packed,
+    ScenePool,
+    describe,
+    questions_for_eval,
+    sample_qa,
+)
 
 
 @dataclass(frozen=True)
@@ -185,6 +195,23 @@ def text_example(encoder: Encoder, pool: ScenePool, index: int, rng: np.random.G
     return encoder.encode(text, qa.answer, with_image=False, loss_on=loss_on)
 
 
+def packed_text_example(encoder: Encoder, pool: ScenePool, index: int,
+                        rng: np.random.Generator) -> Packed:
+    """A scene described in words once, then every question of the scene and the caption
+    request, each in its own branch (see `Encoder.pack`)."""
+    scene = pool.scenes[index]
+    context = describe(scene, rng)
+    return encoder.pack([encoder.encode(context + " " + qa.question, qa.answer, with_image=False)
+                         for qa in questions_for_eval(scene)])
+
+
+def packed_image_example(encoder: Encoder, pool: ScenePool, index: int) -> Packed:
+    """An image once, then every question of its scene and the caption request, each in its
+    own branch (see `Encoder.pack`)."""
+    return encoder.pack([encoder.encode(qa.question, qa.answer, with_image=True)
+                         for qa in questions_for_eval(pool.scenes[index])])
+
+
 def train_text(
     model: LlavaForConditionalGeneration,
     pool: ScenePool,
@@ -194,17 +221,25 @@ def train_text(
     caption_fraction: float,
     loss_on: str = "answer",
     progress: bool = True,
+    packed: bool = False,
 ) -> StageResult:
     """Stage (b): the language model on text-only scene dialogues.
 
     With ``loss_on="answer"`` only the answers are supervised: the descriptions list objects in
     random order, so predicting them teaches little, and a pilot run with the loss on every
-    token left the model near chance on text-only questions.
+    token left the model near chance on text-only questions. With ``packed``, each example is
+    one scene with all its questions (`packed_text_example`; ``caption_fraction`` and
+    ``loss_on`` unused) and ``schedule.batch_size`` counts scenes.
     """
     params = _set_trainable(model, [model.model.language_model, model.lm_head])
 
     def loss_at(step: int) -> Tensor:
         idx = rng.integers(len(pool), size=schedule.batch_size)
+        if packed:
+            batch = encoder.collate_packed([packed_text_example(encoder, pool, int(i), rng) for i in idx])
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                           position_ids=batch.position_ids).logits
+            return answer_loss(logits, batch.labels)
         batch = encoder.collate(
             [text_example(encoder, pool, int(i), rng, caption_fraction, loss_on) for i in idx]
         )
@@ -238,7 +273,8 @@ def multimodal_logits(
     if int(mask[..., 0].sum()) != image.shape[0] * image.shape[1]:
         raise ValueError("number of image placeholders does not match the number of vision states")
     embeds = embeds.masked_scatter(mask, image)
-    return model(inputs_embeds=embeds, attention_mask=batch.attention_mask).logits
+    return model(inputs_embeds=embeds, attention_mask=batch.attention_mask,
+                 position_ids=batch.position_ids).logits
 
 
 def answer_loss(logits: Tensor, labels: Int[Tensor, "batch pos"]) -> Tensor:
@@ -261,12 +297,17 @@ def train_multimodal(
     progress: bool = True,
     check: Callable[[], dict[str, float]] | None = None,
     check_every: int = 0,
+    packed: bool = False,
 ) -> StageResult:
     """Stages (c) (``train_lm=False``: projector only) and (d) (projector + language model).
 
     Each example is one image and one question; in stage (c) the question is always the caption
-    request, in stage (d) a caption request with probability ``caption_fraction``.
+    request, in stage (d) a caption request with probability ``caption_fraction``. With
+    ``packed`` (stage (d) only), each example is one image with every question of its scene
+    and the caption request (`packed_image_example`), and ``schedule.batch_size`` counts images.
     """
+    if packed and not train_lm:
+        raise ValueError("packed=True is for stage (d) (train_lm=True); stage (c) trains on captions only")
     modules: list[nn.Module] = [model.model.multi_modal_projector]
     if train_lm:
         modules += [model.model.language_model, model.lm_head]
@@ -275,11 +316,14 @@ def train_multimodal(
 
     def loss_at(step: int) -> Tensor:
         idx = rng.integers(len(pool), size=schedule.batch_size)
-        encoded = []
-        for i in idx:
-            qa = sample_qa(pool.scenes[int(i)], rng, fraction)
-            encoded.append(encoder.encode(qa.question, qa.answer, with_image=True))
-        batch = encoder.collate(encoded)
+        if packed:
+            batch = encoder.collate_packed([packed_image_example(encoder, pool, int(i)) for i in idx])
+        else:
+            encoded = []
+            for i in idx:
+                qa = sample_qa(pool.scenes[int(i)], rng, fraction)
+                encoded.append(encoder.encode(qa.question, qa.answer, with_image=True))
+            batch = encoder.collate(encoded)
         logits = multimodal_logits(model, batch, states[torch.from_numpy(idx)], encoder.image_token_id)
         return answer_loss(logits, batch.labels)
 

@@ -134,7 +134,7 @@ def run_recipe(
     log(f"  (a) held-out vision heads: {_fmt(metrics)}")
 
     result = train_text(model, pool, encoder, cfg.text, rngs[1], cfg.caption_fraction,
-                        cfg.text_loss_on, progress)
+                        cfg.text_loss_on, progress, packed=cfg.packed)
     metrics = teacher_forced_exact(model, encoder, eval_pool, None)
     report["stages"]["text"] = {**dataclasses.asdict(result), "heldout_text_only": metrics}
     log(f"  (b) held-out text-only answers: {_fmt(metrics)}")
@@ -150,7 +150,8 @@ def run_recipe(
                                       ("instruct", True, cfg.instruct, rngs[3])):
         result = train_multimodal(model, pool, states, encoder, sched, rng, train_lm=train_lm,
                                   caption_fraction=cfg.caption_fraction, progress=progress,
-                                  check=check, check_every=cfg.check_every)
+                                  check=check, check_every=cfg.check_every,
+                                  packed=cfg.packed and train_lm)
         metrics = check()
         report["stages"][key] = {**dataclasses.asdict(result), "heldout": metrics}
         log(f"  ({'d' if train_lm else 'c'}) held-out answers: {_fmt(metrics)}")
