@@ -13,6 +13,7 @@ from vlens.data import (
     VOCABULARY,
     SceneObject,
     caption_split,
+    every_question,
     generate_scene,
     make_scenes,
 )
@@ -84,6 +85,32 @@ def test_texts_are_word_level_and_in_vocabulary() -> None:
     assert scene.caption == " and ".join(
         f"a {o.size} {o.colour} {o.shape} at {CELLS[o.cell]}" for o in scene.objects
     ) + " ."
+
+
+def test_every_question_asks_about_each_object_with_the_right_answer() -> None:
+    for seed in range(60):
+        scene = generate_scene(seed)
+        qas = every_question(scene)
+        assert len({qa.question for qa in qas}) == len(qas)  # no prompt twice
+        assert set(scene.questions) <= set(qas)  # the scene's own draw is among them
+        lookups = [qa for qa in qas if qa.kind in ("colour", "shape", "where")]
+        assert len(lookups) == 3 * len(scene.objects)
+        # Answer each question independently from the object list.
+        for qa in lookups:
+            words = qa.question[:-2].split()
+            if qa.kind == "where":
+                (obj,) = [o for o in scene.objects if (o.colour, o.shape) == tuple(words[-2:])]
+                assert qa.answer == CELLS[obj.cell]
+            elif qa.kind == "shape":
+                (obj,) = [o for o in scene.objects if CELLS[o.cell] == " ".join(words[4:])]
+                assert qa.answer == obj.shape
+            elif words[4] == "object":
+                (obj,) = [o for o in scene.objects if CELLS[o.cell] == " ".join(words[6:])]
+                assert qa.answer == obj.colour
+            else:
+                (obj,) = [o for o in scene.objects if o.shape == words[4]]
+                assert qa.answer == obj.colour
+        assert [qa.kind for qa in qas[len(lookups):]] == ["count", "present", "present"]
 
 
 def test_question_kinds_and_balanced_presence() -> None:

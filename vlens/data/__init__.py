@@ -13,6 +13,7 @@ from vlens.data.scenes import (
     SceneDataset,
     SceneObject,
     caption_split,
+    every_question,
     generate_scene,
     make_scenes,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "SceneDataset",
     "SceneObject",
     "caption_split",
+    "every_question",
     "generate_scene",
     "make_scenes",
 ]

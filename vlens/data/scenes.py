@@ -254,13 +254,31 @@ def make_caption(objects: tuple[SceneObject, ...]) -> str:
     return " and ".join(o.phrase for o in objects) + " ."
 
 
+def _lookup_questions(target: SceneObject, objects: tuple[SceneObject, ...]) -> tuple[QA, QA, QA]:
+    """The colour, shape-at-place and where questions about one object of a scene."""
+    if [o.shape for o in objects].count(target.shape) == 1:
+        colour_q = f"what colour is the {target.shape} ?"
+    else:  # the shape does not name one object; its cell does
+        colour_q = f"what colour is the object at {target.place} ?"
+    return (
+        QA("colour", colour_q, target.colour),
+        QA("shape", f"what shape is at {target.place} ?", target.shape),
+        QA("where", f"where is the {target.colour} {target.shape} ?", target.place),
+    )
+
+
+def every_question(scene: Scene) -> tuple[QA, ...]:
+    """Every question the generator can ask about ``scene``: the colour, shape-at-place and
+    where questions of each of its objects, the count question and the scene's two presence
+    questions (one "yes", one "no"). `Scene.questions` is one draw from these."""
+    lookups = [qa for obj in scene.objects for qa in _lookup_questions(obj, scene.objects)]
+    rest = [qa for qa in scene.questions if qa.kind in ("count", "present")]
+    return tuple(lookups + rest)
+
+
 def _questions(rng: np.random.Generator, objects: tuple[SceneObject, ...]) -> tuple[QA, ...]:
     target = objects[rng.integers(len(objects))]
-    shapes = [o.shape for o in objects]
-    if shapes.count(target.shape) == 1:
-        colour_q = f"what colour is the {target.shape} ?"
-    else:
-        colour_q = f"what colour is the object at {target.place} ?"
+    colour_qa = _lookup_questions(target, objects)[0]
     shape_obj = objects[rng.integers(len(objects))]
     where_obj = objects[rng.integers(len(objects))]
     present_obj = objects[rng.integers(len(objects))]
@@ -278,9 +296,9 @@ def _questions(rng: np.random.Generator, objects: tuple[SceneObject, ...]) -> tu
         if pair not in present:
             break
     return (
-        QA("colour", colour_q, target.colour),
-        QA("shape", f"what shape is at {shape_obj.place} ?", shape_obj.shape),
-        QA("where", f"where is the {where_obj.colour} {where_obj.shape} ?", where_obj.place),
+        colour_qa,
+        _lookup_questions(shape_obj, objects)[1],
+        _lookup_questions(where_obj, objects)[2],
         QA("count", "how many objects are there ?", COUNT_WORDS[len(objects) - 1]),
         QA("present", f"is there a {present_obj.colour} {present_obj.shape} ?", "yes"),
         QA("present", f"is there a {pair[0]} {pair[1]} ?", "no"),

@@ -26,6 +26,7 @@ from vlens.data.scenes import (
     SHAPES,
     SIZES,
     Scene,
+    every_question,
 )
 
 # Per-patch label spaces of the vision pre-training heads; index 0 means "no object".
@@ -99,6 +100,13 @@ def sample_qa(scene: Scene, rng: np.random.Generator, caption_fraction: float) -
 def caption_qa(scene: Scene) -> QA:
     """The captioning request of a scene; the answer is the canonical caption."""
     return QA("caption", CAPTION_QUESTION, scene.caption)
+
+
+def training_questions(scene: Scene) -> list[QA]:
+    """Every question a packed training example asks about a scene: each object's colour,
+    shape-at-place and where questions, the count and the two presence questions, and the
+    caption request (`vlens.data.scenes.every_question`)."""
+    return list(every_question(scene)) + [caption_qa(scene)]
 
 
 def questions_for_eval(scene: Scene) -> list[QA]:

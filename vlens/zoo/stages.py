@@ -36,8 +36,8 @@ from vlens.zoo.examples import (
     Packed,
     ScenePool,
     describe,
-    questions_for_eval,
     sample_qa,
+    training_questions,
 )
 
 
@@ -197,19 +197,19 @@ def text_example(encoder: Encoder, pool: ScenePool, index: int, rng: np.random.G
 
 def packed_text_example(encoder: Encoder, pool: ScenePool, index: int,
                         rng: np.random.Generator) -> Packed:
-    """A scene described in words once, then every question of the scene and the caption
-    request, each in its own branch (see `Encoder.pack`)."""
+    """A scene described in words once, then every question about it (`training_questions`),
+    each in its own branch (see `Encoder.pack`)."""
     scene = pool.scenes[index]
     context = describe(scene, rng)
     return encoder.pack([encoder.encode(context + " " + qa.question, qa.answer, with_image=False)
-                         for qa in questions_for_eval(scene)])
+                         for qa in training_questions(scene)])
 
 
 def packed_image_example(encoder: Encoder, pool: ScenePool, index: int) -> Packed:
-    """An image once, then every question of its scene and the caption request, each in its
+    """An image once, then every question about its scene (`training_questions`), each in its
     own branch (see `Encoder.pack`)."""
     return encoder.pack([encoder.encode(qa.question, qa.answer, with_image=True)
-                         for qa in questions_for_eval(pool.scenes[index])])
+                         for qa in training_questions(pool.scenes[index])])
 
 
 def train_text(
