@@ -64,13 +64,14 @@ class RecipeConfig:
         vision: Stage (a), vision pre-training on per-patch labels.
         text: Stage (b), language-model pre-training on text-only scene dialogues.
         align: Stage (c), projector only, on captions.
-        instruct: Stage (d), projector + language model, on one question per example.
+        instruct: Stage (d), projector + language model, on question/answer pairs.
         caption_fraction: Share of stage-(d) examples that are captions (keeps captioning alive).
         object_patch_weight: Stage-(a) loss weight of object patches relative to background ones.
         text_loss_on: Stage-(b) supervision, ``"answer"`` or ``"all"`` tokens.
-        packed: Stages (b) and (d) train on every question of a scene at once, each in its own
-            branch after the shared image or description (`Encoder.pack`); their batch sizes
-            then count scenes, and ``caption_fraction`` is unused.
+        packed: Stages (b) and (d) train on every question about a scene at once
+            (`training_questions`), each in its own branch after the shared image or description
+            (`Encoder.pack`); their batch sizes then count scenes, and ``caption_fraction`` is
+            unused.
         check_every: Held-out checks every this many steps of stages (c) and (d), recorded in
             the training report as learning curves (0: none). They use no training data or
             randomness, so they do not change the weights.
@@ -87,7 +88,7 @@ class RecipeConfig:
     object_patch_weight: float = 4.0
     text_loss_on: str = "answer"
     check_every: int = 500
-    packed: bool = False
+    packed: bool = True
 
 
 def recipe_config(scale: Scale) -> RecipeConfig:
@@ -98,9 +99,9 @@ def recipe_config(scale: Scale) -> RecipeConfig:
             pool_size=16_000,
             eval_size=300,
             vision=StageSchedule(steps=1000, batch_size=64, lr=2e-3),
-            text=StageSchedule(steps=1000, batch_size=64, lr=2e-3),
+            text=StageSchedule(steps=1000, batch_size=16, lr=2e-3),  # scenes, ~10 questions each
             align=StageSchedule(steps=300, batch_size=48, lr=1e-3),
-            instruct=StageSchedule(steps=2500, batch_size=48, lr=1.5e-3),
+            instruct=StageSchedule(steps=3000, batch_size=16, lr=1.5e-3),  # images, ~10 questions each
         )
     if scale == "tiny":
         return RecipeConfig(

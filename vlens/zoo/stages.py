@@ -6,7 +6,8 @@
 (b) `train_text`: the Llama model alone, on text-only dialogues in the chat format, where the
     image is replaced by a description in words ("there is a small red circle at top left .").
 (c) `train_multimodal(..., train_lm=False)`: the projector alone, both towers frozen, on captions.
-(d) `train_multimodal(..., train_lm=True)`: projector and language model, one question per example.
+(d) `train_multimodal(..., train_lm=True)`: projector and language model, on question/answer pairs
+    (with ``packed``, every question about a scene in one example: `Encoder.pack`).
 
 The vision tower is frozen after (a), so (c) and (d) read cached vision states
 (`vision_states`) and splice the projected states into the placeholder positions exactly as

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m vlens.zoo.train --out DIR [--seed 0] [--threads 1] [--scale full|tiny]
+    python -m vlens.zoo.train --out DIR [--seed 1] [--threads 1] [--scale full|tiny]
 
 Runs the four bridge-style stages (see `vlens.zoo.stages`), saves model and processor with
 ``save_pretrained`` into ``DIR``, reloads them through ``from_pretrained`` and evaluates the
@@ -39,6 +39,10 @@ from vlens.zoo.stages import (
 )
 
 EVAL_STREAM_SEED = 10_000  # held-out scenes are the same for every training seed
+# The shipped checkpoint's seed. Chosen after training seeds 0 and 1 with recipe v6: seed 1 meets
+# every accuracy target on the held-out stream above and on a second, fresh one (stream 30,000);
+# seed 0 misses colour questions (0.69). docs/toy_model.md reports both.
+DEFAULT_SEED = 1
 LENS_SCENES = 200
 
 
@@ -84,7 +88,8 @@ def _fmt(scores: dict[str, float]) -> str:
 
 
 def run_recipe(
-    out: Path, seed: int = 0, scale: Scale = "full", threads: int = 1, progress: bool = True
+    out: Path, seed: int = DEFAULT_SEED, scale: Scale = "full", threads: int = 1,
+    progress: bool = True
 ) -> dict:
     """Trains, saves, reloads and evaluates the toy model.
 
@@ -191,7 +196,8 @@ def main(argv: list[str] | None = None) -> None:
     """Command-line entry point (see the module docstring)."""
     parser = argparse.ArgumentParser(prog="python -m vlens.zoo.train", description=__doc__.split("\n")[1])
     parser.add_argument("--out", type=Path, required=True, help="output folder")
-    parser.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED,
+                        help=f"training seed (default {DEFAULT_SEED}, the shipped checkpoint's)")
     # One thread by default: results are bit-reproducible only for a fixed thread count and the
     # shipped checkpoint was trained with one, and two seeds can train side by side on a 2-core
     # machine. (Measured: two threads make a step about 1.3x faster on an idle machine, but
