@@ -166,3 +166,5 @@ def test_bad_arguments_are_named(tmp_path: Path) -> None:
         encoder.pack([same, encoder.encode("what shape is at center ?", "square", with_image=True)])
     with pytest.raises(ValueError, match="at least one"):
         encoder.pack([])
+    with pytest.raises(ValueError, match="at least one packed"):
+        encoder.collate_packed([])

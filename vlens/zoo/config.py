@@ -116,7 +116,6 @@ def recipe_config(scale: Scale) -> RecipeConfig:
             align=StageSchedule(steps=3, batch_size=4, lr=1e-3),
             instruct=StageSchedule(steps=3, batch_size=4, lr=1e-3),
             check_every=2,
-            packed=True,  # the smoke test exercises the packed stages
         )
     raise ValueError(f"unknown scale {scale!r}; expected 'tiny' or 'full'")
 

@@ -237,6 +237,8 @@ class Encoder:
         Token i may attend to token j iff j <= i and j is shared or in i's branch. Padding
         tokens attend to themselves only (they carry no loss), so no softmax row is empty.
         """
+        if not packed:
+            raise ValueError("collate_packed needs at least one packed sequence, got none")
         length = max(len(p.ids) for p in packed)
         input_ids = torch.full((len(packed), length), self.pad_id, dtype=torch.long)
         labels = torch.full((len(packed), length), -100, dtype=torch.long)
