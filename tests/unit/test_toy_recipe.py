@@ -5,15 +5,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from vlens.data import generate_scene
 from vlens.zoo.config import build_model, recipe_config
-from vlens.zoo.examples import Encoder, build_pool, describe, questions_for_eval
+from vlens.zoo.examples import Encoder, build_pool, describe, training_questions
 from vlens.zoo.processor import build_processor, prompt_text
-from vlens.zoo.stages import multimodal_logits, vision_states
+from vlens.zoo.stages import multimodal_logits, packed_image_example, packed_text_example, vision_states
 from vlens.zoo.train import run_recipe
 
 
@@ -90,9 +91,9 @@ def test_spliced_forward_equals_hf_forward() -> None:
     assert torch.allclose(ours, ref, atol=1e-5)
 
 
-def _branch_logits_equal_separate_forwards(model, encoder, packed_batch, packed, encodings_per_row,
-                                           forward) -> None:
-    logits = forward(packed_batch, rows=slice(None))
+def _branch_logits_equal_separate_forwards(encoder, packed, encodings_per_row, forward) -> None:
+    """Each branch of each packed row gives the logits of its dialogue run on its own."""
+    logits = forward(encoder.collate_packed(packed), rows=slice(None))
     for row, encodings in enumerate(encodings_per_row):
         p = packed[row]
         for k, encoding in enumerate(encodings, start=1):
@@ -108,11 +109,11 @@ def test_packed_image_questions_compute_what_separate_ones_do() -> None:
     processor = build_processor(64, 8)
     model = build_model(recipe_config("tiny").arch, processor).eval()
     encoder = Encoder(processor, n_image_tokens=64)
-    scenes = [generate_scene(s) for s in (3, 4)]
-    states = vision_states(model, build_pool(scenes).pixels)
-    encodings = [[encoder.encode(qa.question, qa.answer, with_image=True) for qa in questions_for_eval(s)]
-                 for s in scenes]
-    packed = [encoder.pack(e) for e in encodings]
+    pool = build_pool([generate_scene(s) for s in (3, 4)])
+    states = vision_states(model, pool.pixels)
+    packed = [packed_image_example(encoder, pool, i) for i in range(len(pool))]
+    encodings = [[encoder.encode(qa.question, qa.answer, with_image=True) for qa in training_questions(s)]
+                 for s in pool.scenes]
     # Shared: bos, "USER", ":" and the 64 image placeholders, and no more (questions differ).
     assert all(p.branch.count(0) == 67 for p in packed)
 
@@ -120,37 +121,32 @@ def test_packed_image_questions_compute_what_separate_ones_do() -> None:
         with torch.no_grad():
             return multimodal_logits(model, batch, states[rows], encoder.image_token_id)
 
-    _branch_logits_equal_separate_forwards(model, encoder, encoder.collate_packed(packed), packed,
-                                           encodings, forward)
+    _branch_logits_equal_separate_forwards(encoder, packed, encodings, forward)
     # Supervised tokens are exactly the answers of every branch.
     labels = encoder.collate_packed(packed).labels[0]
-    answers = " ".join(qa.answer + " </s>" for qa in questions_for_eval(scenes[0]))
+    answers = " ".join(qa.answer + " </s>" for qa in training_questions(pool.scenes[0]))
     assert processor.tokenizer.decode(labels[labels != -100]) == answers
 
 
 def test_packed_text_dialogues_compute_what_separate_ones_do() -> None:
-    import numpy as np
-
     torch.manual_seed(1)
     processor = build_processor(64, 8)
     model = build_model(recipe_config("tiny").arch, processor).eval()
     encoder = Encoder(processor, n_image_tokens=64)
-    rng = np.random.default_rng(0)
+    pool = build_pool([generate_scene(s) for s in (7, 8)])
+    packed = [packed_text_example(encoder, pool, i, np.random.default_rng(i)) for i in range(len(pool))]
     encodings = []
-    for seed in (7, 8):
-        scene = generate_scene(seed)
-        context = describe(scene, rng)
+    for i, scene in enumerate(pool.scenes):
+        context = describe(scene, np.random.default_rng(i))  # the description the example drew
         encodings.append([encoder.encode(context + " " + qa.question, qa.answer, with_image=False)
-                          for qa in questions_for_eval(scene)])
-    packed = [encoder.pack(e) for e in encodings]
+                          for qa in training_questions(scene)])
 
     def forward(batch, rows):
         with torch.no_grad():
             return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                          position_ids=batch.position_ids).logits
 
-    _branch_logits_equal_separate_forwards(model, encoder, encoder.collate_packed(packed), packed,
-                                           encodings, forward)
+    _branch_logits_equal_separate_forwards(encoder, packed, encodings, forward)
 
 
 def test_bad_arguments_are_named(tmp_path: Path) -> None:
