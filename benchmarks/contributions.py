@@ -61,7 +61,7 @@ def main() -> None:
         keeps = torch.ones(len(chosen), problem.ids.shape[0], dtype=torch.bool)
         keeps[torch.arange(len(chosen)), problem.image[chosen]] = False
         start, cpu = time.perf_counter(), time.process_time()
-        naive_losses = variant_losses(model, problem, keeps, engine="naive")
+        naive_losses, _ = variant_losses(model, problem, keeps, engine="naive")
         t_naive_part, c_naive_part = time.perf_counter() - start, time.process_time() - cpu
         t_naive = t_naive_part * n_img / len(chosen)
         c_naive = c_naive_part * n_img / len(chosen)

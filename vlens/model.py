@@ -20,6 +20,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from vlens._compat import layer_cache_problem, route_layer_cache
 from vlens._tl import TransformerBridge, build_bridge_from_module
 from vlens.adapters import VisionPrefixAdapter, adapter_for
 from vlens.cache import VLMCache
@@ -132,6 +133,7 @@ class HookedVLM:
         )
         if process_weights:
             bridge.enable_compatibility_mode()
+        route_layer_cache(bridge)
         return cls(hf_model, processor, adapter, bridge, name=os.fspath(name_or_path))
 
     # ---- properties -----------------------------------------------------------------
@@ -440,6 +442,14 @@ class HookedVLM:
         """
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        problem = layer_cache_problem(self)
+        if problem is not None:
+            # Hugging Face's generate would run on regardless and return wrong tokens after the
+            # first one: refuse instead of answering wrongly.
+            raise RuntimeError(
+                f"cannot generate: {problem}. Cached decoding would be wrong after the first token; "
+                "install dependency versions vlens was tested on (see the README)"
+            )
         tokens: list[Tensor] = []
         texts: list[str] = []
         with self.hooks(fwd_hooks):

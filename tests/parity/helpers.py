@@ -66,14 +66,48 @@ def assert_batched_equals_unbatched(model: HookedVLM, batch: VLMInputs, singles:
             assert diff <= TOL, f"row {row}: batched logits differ from unbatched by {diff}"
 
 
+def greedy_without_cache(reference: torch.nn.Module, kwargs: dict, n: int) -> torch.Tensor:
+    """The reference generation no cache can spoil: the untouched Hugging Face model re-run on
+    the whole sequence at every step (``use_cache=False``), taking the argmax of the last logits.
+
+    Every per-token input (``attention_mask``, ``token_type_ids``, ...: a ``[1, pos]`` tensor
+    beside ``input_ids``) grows with the sequence: 1 in the attention mask, 0 (a text token)
+    elsewhere, as Hugging Face's own generation extends them.
+    """
+    ids = kwargs["input_ids"]
+    per_token = {k: v for k, v in kwargs.items() if k != "input_ids" and torch.is_tensor(v) and v.shape == ids.shape}
+    fixed = {k: v for k, v in kwargs.items() if k != "input_ids" and k not in per_token}
+    new = []
+    for _ in range(n):
+        with torch.no_grad():
+            logits = reference(input_ids=ids, **per_token, **fixed, use_cache=False).logits
+        token = logits[:, -1].argmax(-1, keepdim=True)
+        new.append(int(token))
+        ids = torch.cat([ids, token], 1)
+        per_token = {
+            k: torch.cat([v, torch.ones_like(v[:, :1]) if k == "attention_mask" else torch.zeros_like(v[:, :1])], 1)
+            for k, v in per_token.items()
+        }
+    return torch.tensor(new)
+
+
 def assert_generate_matches_hf(model: HookedVLM, reference: torch.nn.Module, inputs: VLMInputs, n: int = 6) -> None:
+    """vlens's greedy tokens equal a no-cache greedy loop over the untouched HF model (the
+    reference that cannot share a cache bug) and, beside it, Hugging Face's own ``generate``."""
     kwargs = inputs.model_kwargs()
+    plain = greedy_without_cache(reference, kwargs, n)
     with torch.no_grad():
         ref = reference.generate(**kwargs, max_new_tokens=n, do_sample=False, num_beams=1,
                                  pad_token_id=model.tokenizer.pad_token_id)
-    expected = ref[0, kwargs["input_ids"].shape[1]:]
+    hf_generate = ref[0, kwargs["input_ids"].shape[1]:]
     got = model.generate(inputs, max_new_tokens=n).tokens[0]
-    assert torch.equal(got, expected), f"vlens generated {got.tolist()}, HF {expected.tolist()}"
+    # Generation stops early at an end-of-sequence token; the loop above never stops.
+    stopped = len(got) < n and int(got[-1]) == model.tokenizer.eos_token_id
+    assert len(got) == n or stopped, f"vlens generated {len(got)} of {n} tokens: {got.tolist()}"
+    assert torch.equal(got, plain[: len(got)]), (
+        f"vlens generated {got.tolist()}, the no-cache greedy loop {plain.tolist()}"
+    )
+    assert torch.equal(got, hf_generate), f"vlens generated {got.tolist()}, HF generate {hf_generate.tolist()}"
 
 
 BATCH_PROMPTS = ("what is in the image ?", "describe the image .")

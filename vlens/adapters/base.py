@@ -16,6 +16,7 @@ import PIL.Image
 import torch
 from transformers import BatchFeature
 
+from vlens._compat import cache_argument, output_cache
 from vlens.errors import PromptError, UnsupportedArchitectureError
 from vlens.layout import ImageSpan, TokenLayout, assemble_layout
 
@@ -261,18 +262,19 @@ class VisionPrefixAdapter(ABC):
         whatever it does after the decoder (final norm, head, soft-capping) is kept.
         ``extras`` are :attr:`per_token_inputs`, passed through by name.
         """
+        causal_lm = self._causal_lm(hf_model)
         kwargs: dict[str, Any] = {
             "inputs_embeds": inputs_embeds,
             "attention_mask": attention_mask,
             "position_ids": position_ids,
-            "past_key_values": past_key_values,
+            cache_argument(causal_lm): past_key_values,
             "use_cache": use_cache,
             **(extras or {}),
         }
         if logits_to_keep is not None:
             kwargs["logits_to_keep"] = logits_to_keep
-        out = self._causal_lm(hf_model)(**kwargs)
-        return out.logits, getattr(out, "past_key_values", None)
+        out = causal_lm(**kwargs)
+        return out.logits, output_cache(out)
 
     def _causal_lm(self, hf_model: torch.nn.Module) -> torch.nn.Module:
         """The outermost submodule holding the decoder that has its own output head

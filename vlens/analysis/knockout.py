@@ -23,13 +23,15 @@ Two engines give the same losses:
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from vlens._compat import layer_cache_problem
 from vlens.errors import AnalysisInputError
 
 Engine = Literal["kv", "naive"]
@@ -98,19 +100,75 @@ MAX_TOKENS = 2048
 """Default bound on a suffix batch's padded size (variants x longest suffix)."""
 
 
-def prefix_reuse_exact(model: Any, length: int) -> bool:
-    """Whether the ``"kv"`` engine gives exact losses for this model.
+@dataclass(frozen=True)
+class EngineRun:
+    """Which token-removal engine ran, and why when it is not the one asked for.
 
-    It needs a causal language model whose states depend only on earlier embeddings and
+    Attributes:
+        engine: ``"kv"`` or ``"naive"``, the engine that computed the losses.
+        reason: Why the ``"kv"`` engine did not run (empty when it did, or when ``"naive"``
+            was asked for).
+        expected: False when the fallback was not expected for the family (the key/value cache
+            did not work as the family's contract says it should): such a run also warns.
+    """
+
+    engine: Engine
+    reason: str = ""
+    expected: bool = True
+
+
+def engine_for(model: Any, length: int, requested: Engine) -> EngineRun:
+    """The engine that gives exact losses for this model on a sequence of ``length`` tokens.
+
+    ``"kv"`` needs a causal language model whose states depend only on earlier embeddings and
     positions: per-token inputs (``adapter.per_token_inputs``, e.g. Gemma3's token types,
     which make image tokens attend to later ones) rule it out, and so do sliding-window
-    layers shorter than the sequence (``length``): their masks count cache slots, which
-    the padding of a suffix batch shifts.
+    layers shorter than the sequence: their masks count cache slots, which the padding of a
+    suffix batch shifts. These are expected fallbacks. A key/value cache that does not work
+    (:func:`vlens._compat.layer_cache_problem`) is an unexpected one, and warns once.
     """
+    if requested not in ENGINES:
+        raise AnalysisInputError(f"unknown engine {requested!r}; choose one of {list(ENGINES)}")
+    if requested == "naive":
+        return EngineRun("naive")
+    family = model.adapter.family
+    if not model.adapter.causal_prefix:
+        return EngineRun("naive", f"the {family} language model is not causal over the image")
+    if model.adapter.per_token_inputs:
+        names = list(model.adapter.per_token_inputs)
+        return EngineRun("naive", f"the {family} language model reads per-token inputs {names}")
     text_config = model.hf_model.config.get_text_config()
     window = getattr(text_config, "sliding_window", None)
-    sliding = window is not None and getattr(text_config, "use_sliding_window", True) and window < length
-    return bool(model.adapter.causal_prefix) and not model.adapter.per_token_inputs and not sliding
+    if window is not None and getattr(text_config, "use_sliding_window", True) and window < length:
+        return EngineRun("naive", f"sliding-window layers ({window} tokens) are shorter than the sequence ({length})")
+    problem = layer_cache_problem(model)
+    if problem is not None:
+        return _unexpected(problem)
+    return EngineRun("kv")
+
+
+def _unexpected(reason: str) -> EngineRun:
+    if reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(
+            f"token-removal analyses fall back from the kv engine to the naive one (same losses, one full "
+            f"forward per variant): {reason}",
+            EngineFallbackWarning,
+            stacklevel=4,
+        )
+    return EngineRun("naive", reason, expected=False)
+
+
+_warned: set[str] = set()
+
+
+class EngineFallbackWarning(UserWarning):
+    """The kv engine could not run where the family's contract says it should."""
+
+
+def merge_runs(runs: list[EngineRun]) -> EngineRun:
+    """One record for a result whose rows ran separately: the first fallback, if any."""
+    return next((run for run in runs if run.engine != "kv"), runs[0])
 
 
 def variant_losses(
@@ -120,29 +178,30 @@ def variant_losses(
     engine: Engine = "kv",
     batch_size: int = 32,
     max_tokens: int = MAX_TOKENS,
-) -> Float[Tensor, "variant"]:
-    """The answer loss of each variant of a row (``keeps[v]``: positions it keeps).
+) -> tuple[Float[Tensor, "variant"], EngineRun]:
+    """The answer loss of each variant of a row (``keeps[v]``: positions it keeps), and the
+    engine that computed them.
 
     Every variant must keep every answer token and the token before the first one.
     Identical variants run once; with ``"kv"`` a variant that keeps everything costs
     nothing beyond the shared full forward.
     """
-    if engine not in ENGINES:
-        raise AnalysisInputError(f"unknown engine {engine!r}; choose one of {list(ENGINES)}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise AnalysisInputError(f"batch_size must be a positive int, got {batch_size!r}")
+    run = engine_for(model, problem.ids.shape[0], engine)
     keeps = keeps.to(problem.embeds.device)
     if not bool(keeps[:, problem.answer].all()):
         raise AnalysisInputError("a variant removes an answer token; only non-answer tokens can be removed")
-    if engine == "kv" and not prefix_reuse_exact(model, problem.ids.shape[0]):
-        engine = "naive"
     unique, inverse = keeps.unique(dim=0, return_inverse=True)  # run each distinct variant once
     with torch.no_grad():
-        if engine == "naive":
+        losses = None
+        if run.engine == "kv":
+            losses, problem_found = _kv_losses(model, problem, unique, batch_size, max_tokens)
+            if problem_found is not None:
+                run = _unexpected(problem_found)
+        if losses is None:
             losses = torch.stack([_naive_loss(model, problem, keep) for keep in unique])
-        else:
-            losses = _kv_losses(model, problem, unique, batch_size, max_tokens)
-    return losses[inverse].cpu()
+    return losses[inverse].cpu(), run
 
 
 def _naive_loss(model: Any, problem: RowProblem, keep: Tensor) -> Tensor:
@@ -159,7 +218,10 @@ def _naive_loss(model: Any, problem: RowProblem, keep: Tensor) -> Tensor:
     return answer_loss(logits[0], problem.ids[problem.answer])
 
 
-def _kv_losses(model: Any, problem: RowProblem, keeps: Tensor, batch_size: int, max_tokens: int) -> Tensor:
+def _kv_losses(
+    model: Any, problem: RowProblem, keeps: Tensor, batch_size: int, max_tokens: int
+) -> tuple[Optional[Tensor], Optional[str]]:
+    """The kv engine's losses, or None and the reason when the cache it needs is not there."""
     device = problem.embeds.device
     length = problem.embeds.shape[0]
     targets = problem.ids[problem.answer]
@@ -174,10 +236,10 @@ def _kv_losses(model: Any, problem: RowProblem, keeps: Tensor, batch_size: int, 
         extras=kept_extras(problem, None),
     )
     full = answer_loss(logits[0], targets)
-    kv = [(layer.keys, layer.values) for layer in cache.layers]
-    if any(k is None or k.shape[-2] != length for k, _ in kv):
-        # A sliding-window cache keeps only recent positions: reuse is not possible.
-        return torch.stack([full if bool(keep.all()) else _naive_loss(model, problem, keep) for keep in keeps])
+    kv = [(layer.keys, layer.values) for layer in cache.layers] if cache is not None else []
+    cached = [None if k is None else int(k.shape[-2]) for k, _ in kv]
+    if not kv or any(n != length for n in cached):
+        return None, f"the full sequence's key/value cache holds {cached} positions per layer, not {length}"
     losses = torch.full((keeps.shape[0],), float("nan"), device=device)
     losses[first == length] = full
     todo = (first < length).nonzero().flatten()
@@ -195,7 +257,7 @@ def _kv_losses(model: Any, problem: RowProblem, keeps: Tensor, batch_size: int, 
         buffers = _PrefixBuffers(kv, rows, max(room, length))
         for chunk in groups:
             losses[chunk] = _suffix_losses(model, problem, keeps[chunk], first[chunk], buffers, targets)
-    return losses
+    return losses, None
 
 
 class _PrefixBuffers:

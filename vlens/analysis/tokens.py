@@ -22,7 +22,7 @@ from vlens.analysis.knockout import (
     Engine,
     answer_loss,
     kept_extras,
-    prefix_reuse_exact,
+    merge_runs,
     row_problems,
     variant_losses,
 )
@@ -51,7 +51,9 @@ class CountCurveResult:
         loss: Mean cross-entropy over the answer tokens, ``[n]``.
         full_loss: The loss with every image token kept.
         order: Image-token sequence positions in the order they are kept.
-        engine: ``"kv"`` (prefix reuse) or ``"naive"`` (one forward per count).
+        engine: The engine that ran: ``"kv"`` (prefix reuse) or ``"naive"`` (one forward
+            per count).
+        engine_reason: Why ``"kv"`` did not run when it was asked for (empty otherwise).
     """
 
     counts: Int[Tensor, "n"]
@@ -59,6 +61,7 @@ class CountCurveResult:
     full_loss: Float[Tensor, "*batch"]
     order: Int[Tensor, "*batch img"]
     engine: str
+    engine_reason: str = ""
 
     @property
     def batched(self) -> bool:
@@ -91,12 +94,17 @@ class ContributionResult:
         image_positions: Sequence position of each ``img`` entry.
         full_loss: The answer loss with every token.
         method: ``"drop"`` or ``"gradient"``.
+        engine: For ``"drop"``, the engine that ran (``"kv"`` or ``"naive"``); None for
+            ``"gradient"``, which removes nothing.
+        engine_reason: Why ``"kv"`` did not run when it was asked for (empty otherwise).
     """
 
     delta_loss: Float[Tensor, "*batch img"]
     image_positions: Int[Tensor, "*batch img"]
     full_loss: Float[Tensor, "*batch"]
     method: str
+    engine: Optional[str] = None
+    engine_reason: str = ""
 
     @property
     def batched(self) -> bool:
@@ -175,9 +183,7 @@ def token_count_curve(
     problems = row_problems(model, inputs, "token_count_curve")
     n_max = max(p.image.numel() for p in problems)
     ks = _counts(counts, n_max)
-    losses, fulls, orders = [], [], []
-    longest = max(p.ids.shape[0] for p in problems)
-    engine = method if prefix_reuse_exact(model, longest) else "naive"
+    losses, fulls, orders, runs = [], [], [], []
     for row, problem in enumerate(problems):
         n = problem.image.numel()
         perm = _order(order, n, seed, row)
@@ -189,15 +195,22 @@ def token_count_curve(
                 keeps[i, ranked[k:]] = False
         row_loss = torch.full((len(ks),), float("nan"))
         everything = torch.ones(1, problem.ids.shape[0], dtype=torch.bool)
-        found = variant_losses(
+        found, run = variant_losses(
             model, problem, torch.cat([keeps[valid], everything]), engine=method, batch_size=batch_size
         )
         row_loss[valid] = found[:-1]
         losses.append(row_loss)
         fulls.append(found[-1])
         orders.append(ranked)
+        runs.append(run)
+    run = merge_runs(runs)
     return CountCurveResult(
-        counts=ks, loss=stack_rows(losses), full_loss=stack_rows(fulls), order=stack_rows(orders), engine=engine
+        counts=ks,
+        loss=stack_rows(losses),
+        full_loss=stack_rows(fulls),
+        order=stack_rows(orders),
+        engine=run.engine,
+        engine_reason=run.reason,
     )
 
 
@@ -226,7 +239,7 @@ def token_contributions(
     if engine not in ENGINES:
         raise AnalysisInputError(f"unknown engine {engine!r}; choose one of {list(ENGINES)}")
     problems = row_problems(model, inputs, "token_contributions")
-    deltas, fulls, positions = [], [], []
+    deltas, fulls, positions, runs = [], [], [], []
     for problem in problems:
         if method == "gradient":
             delta, full = _gradient(model, problem)
@@ -234,17 +247,21 @@ def token_contributions(
             n = problem.image.numel()
             keeps = torch.ones(n + 1, problem.ids.shape[0], dtype=torch.bool)  # the last keeps everything
             keeps[torch.arange(n), problem.image.cpu()] = False
-            found = variant_losses(model, problem, keeps, engine=engine, batch_size=batch_size)
+            found, run = variant_losses(model, problem, keeps, engine=engine, batch_size=batch_size)
+            runs.append(run)
             full = found[-1]
             delta = found[:-1] - full
         deltas.append(delta.float().cpu())
         fulls.append(torch.tensor(float(full)))
         positions.append(problem.image.cpu())
+    run = merge_runs(runs) if runs else None
     return ContributionResult(
         delta_loss=stack_rows(deltas),
         image_positions=stack_rows(positions),
         full_loss=stack_rows(fulls),
         method="gradient" if method == "gradient" else "drop",
+        engine=None if run is None else run.engine,
+        engine_reason="" if run is None else run.reason,
     )
 
 
