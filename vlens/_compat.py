@@ -39,7 +39,8 @@ class TestedRange:
 
     def contains(self, version: str) -> bool:
         v = Version(version)
-        return Version(self.oldest) <= v < Version(self.below)
+        # A pre-release of ``below`` (5.25.0rc1) is untested too, as pip's ``<5.25`` also says.
+        return Version(self.oldest) <= v and Version(v.base_version) < Version(self.below)
 
     @property
     def specifier(self) -> str:

@@ -76,13 +76,16 @@ class _Setup:
     def __init__(self, model_name: str, image_path: Optional[str], seed: int, prompt: Optional[str],
                  answer: Optional[str], device: Optional[str], dtype: Optional[str], need_answer: bool) -> None:
         from vlens import HookedVLM
+        from vlens.images import to_rgb
 
+        # The image is read first: a bad path must not wait for a model that takes minutes to load.
+        user_image = None if image_path is None else to_rgb(image_path)
         _say(f"loading model {model_name!r} ...")
         started = time.perf_counter()
         self.model = HookedVLM.from_pretrained(model_name, device=device, dtype=dtype)
         _say(f"loaded {self.model.adapter.family} model with {self.model.n_layers} layers in {time.perf_counter() - started:.1f}s")
         self.scene = None
-        if image_path is None:
+        if user_image is None:
             from vlens.data import CAPTION_QUESTION, generate_scene
 
             self.scene = generate_scene(seed)
@@ -93,9 +96,7 @@ class _Setup:
                 if answer is None:
                     answer = self.scene.caption
         else:
-            from vlens.images import to_rgb
-
-            self.image = to_rgb(image_path)
+            self.image = user_image
             self.source = image_path
         if prompt is None:
             prompt = self._default_prompt()

@@ -97,6 +97,9 @@ def _from_torch(tensor: torch.Tensor) -> PIL.Image.Image:
 
 
 def _pil_to_rgb(img: PIL.Image.Image) -> PIL.Image.Image:
+    if img.width < 1 or img.height < 1:
+        # Every image processor divides by a side; refuse here with the size rather than deep inside.
+        raise ImageInputError(f"image has size {img.width} x {img.height} (width x height); pass an image at least 1 x 1")
     if img.mode == "RGB":
         return img
     if img.mode == "P" and "transparency" in img.info:

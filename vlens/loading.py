@@ -92,11 +92,66 @@ def resolve_checkpoint(name_or_path: Union[str, os.PathLike]) -> str:
             )
         return str(path)
     if _HUB_ID.match(name) and not name.startswith((".", "~")):
-        return name  # a hub id: Hugging Face resolves (and, where there is a network, downloads) it
+        return _hub_source(name)
     raise CheckpointNotFoundError(
         f"checkpoint {name!r} is not an existing folder nor a hub id of the form 'org/name'; pass a local "
         "folder written by save_pretrained, a hub id, or 'toy'"
     )
+
+
+def _hub_source(repo_id: str) -> str:
+    """A hub id to download from, or its cached snapshot folder when the hub cannot be used.
+
+    Where the hub is off (``HF_HUB_OFFLINE``) or cannot be reached, Hugging Face retries for
+    about half a minute before saying the model is missing; here the answer comes at once,
+    from the local cache or as an error.
+    """
+    from huggingface_hub import constants
+
+    # The environment as it is now: huggingface_hub reads it once, when first imported.
+    flag = os.environ.get("HF_HUB_OFFLINE")
+    offline = constants.HF_HUB_OFFLINE if flag is None else flag.strip().lower() in ("1", "true", "yes", "on")
+    if not offline and hub_reachable(constants.ENDPOINT):
+        return repo_id  # Hugging Face resolves (and downloads) it
+    cached = _cached_snapshot(repo_id)
+    if cached is not None:
+        return cached
+    why = "HF_HUB_OFFLINE is set" if offline else f"the hub at {constants.ENDPOINT} cannot be reached"
+    raise CheckpointNotFoundError(
+        f"checkpoint {repo_id!r} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and {why}; "
+        "download it where there is a network (huggingface-cli download), or pass a local folder or 'toy'"
+    )
+
+
+def hub_reachable(endpoint: str, timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the hub opens within ``timeout`` seconds.
+
+    Behind a proxy the direct connection says nothing, so the hub is assumed reachable there and
+    Hugging Face's own client decides.
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urlparse(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _cached_snapshot(repo_id: str) -> Optional[str]:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        folder = snapshot_download(repo_id, local_files_only=True)
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        return None
+    return folder if (Path(folder) / "config.json").is_file() else None
 
 
 def load_config(source: str) -> Any:

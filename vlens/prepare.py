@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Optional, Sequence, Union
 
 import torch
@@ -92,6 +93,7 @@ def prepare_batch(
             if ans is None:
                 continue
             answer_start[row] = _answer_start(batch, prompt_batch, row, ans)
+    _warn_unknown_words(adapter.tokenizer, batch, rows_prompts, rows_answers)
     layout = adapter.build_layout(batch, answer_start)
     extras = adapter.model_extras(batch)
     return VLMInputs(
@@ -105,6 +107,36 @@ def prepare_batch(
         answers=tuple(rows_answers),
         texts=tuple(prompt_texts),
     )
+
+
+class UnknownWordsWarning(UserWarning):
+    """Prompt or answer words that the tokenizer can only read as its unknown token."""
+
+
+def _warn_unknown_words(
+    tokenizer: Any, batch: Any, prompts: Sequence[str], answers: Sequence[Optional[str]]
+) -> None:
+    """Warn, naming the words, when the tokenizer turned some of them into its unknown token.
+
+    A word-level tokenizer (the toy's) reads ``what animal is this ?`` as ``what <unk> is <unk> ?``
+    and the analyses would then measure the model on a question nobody asked.
+    """
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None or not bool((batch["input_ids"][batch["attention_mask"].bool()] == unk).any()):
+        return
+    words: list[str] = []
+    for text in [*prompts, *(a for a in answers if a is not None)]:
+        for word in text.split():
+            if word not in words and unk in tokenizer(word, add_special_tokens=False)["input_ids"]:
+                words.append(word)
+    if words:
+        warnings.warn(
+            f"the tokenizer does not know the word(s) {words} and reads each as {tokenizer.unk_token!r}; "
+            "use words from its vocabulary (model.tokenizer.get_vocab(), also in the checkpoint's "
+            "tokenizer.json)",
+            UnknownWordsWarning,
+            stacklevel=4,
+        )
 
 
 def _answer_start(full_batch: Any, prompt_batch: Any, row: int, answer: str) -> int:

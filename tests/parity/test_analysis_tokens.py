@@ -42,7 +42,10 @@ def test_token_count_curve_equals_hf_loop(tiny, case, order):
     perm = torch.arange(n).flip(0) if order == "reversed" else order
     kv = va.token_count_curve(tiny.model, inputs, counts=counts, order=perm, method="kv", batch_size=3)
     naive = va.token_count_curve(tiny.model, inputs, counts=counts, order=perm, method="naive")
+    # The kv engine runs wherever the family's contract allows it, and a fallback says why.
     assert kv.engine == ("naive" if tiny.family.per_token else "kv")
+    assert (kv.engine_reason == "") == (kv.engine == "kv"), kv.engine_reason
+    assert naive.engine == "naive" and naive.engine_reason == ""
     assert torch.equal(kv.counts, torch.tensor(counts))
     assert torch.equal(kv.order, naive.order)
     ranked = kv.order
@@ -61,6 +64,7 @@ def test_token_drop_contributions_equal_hf_loop(tiny, case):
     inputs, embeds, ids, answer, img, per_token = case
     drop = va.token_contributions(tiny.model, inputs, method="drop", batch_size=5)
     naive = va.token_contributions(tiny.model, inputs, method="drop", engine="naive")
+    assert drop.engine == ("naive" if tiny.family.per_token else "kv") and naive.engine == "naive"
     assert torch.equal(drop.image_positions, img)
     assert (drop.delta_loss - naive.delta_loss).abs().max() <= TOL
     full = ref.reduced_loss(tiny, embeds, ids, answer, set(), per_token)

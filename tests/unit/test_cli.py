@@ -188,3 +188,14 @@ def test_sweep_command_is_attached(runner):
     result = runner.invoke(main, ["sweep", "--help"])
     assert result.exit_code == 0, result.output
     assert "usage: vlens sweep" in result.output
+
+
+def test_a_missing_image_is_refused_before_the_model_loads(runner, tmp_path, monkeypatch):
+    from vlens import HookedVLM
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the image was checked")
+
+    monkeypatch.setattr(HookedVLM, "from_pretrained", must_not_load)
+    result = run(runner, "report", "--image", tmp_path / "missing.png", "--out", tmp_path / "r")
+    assert_one_line_error(result, "ImageFileError", "missing.png", "does not exist")

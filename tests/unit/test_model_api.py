@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 
+import PIL.Image
 import pytest
 import torch
 
@@ -16,6 +18,7 @@ from vlens.errors import (
     PromptError,
     UnsupportedArchitectureError,
 )
+from vlens.prepare import UnknownWordsWarning
 
 
 @pytest.fixture(scope="module")
@@ -119,12 +122,51 @@ def test_to_str_tokens_labels_image_tokens(llava_model, inputs):
         (lambda m, p: m.prepare(p, 5), PromptError, "int"),
         (lambda m, p: m.prepare(3.5, "what"), TypeError, "float"),
         (lambda m, p: m.prepare("/nonexistent/cat.png", "what"), ValueError, "does not exist"),
+        (lambda m, p: m.prepare(PIL.Image.new("RGB", (0, 7)), "what"), TypeError, "size 0 x 7"),
     ],
 )
 def test_bad_inputs_raise_clear_errors(llava_model, photo, call, error, fragment):
     with pytest.raises(error) as err:
         call(llava_model, photo)
     assert fragment in str(err.value)
+
+
+def test_no_image_is_a_text_only_row(llava_model, photo):
+    inputs = llava_model.prepare(None, "what is in the image ?")
+    assert inputs.layout.images == ((),) and inputs.pixel_values is None
+    assert not bool(inputs.layout.image_mask.any())
+    batch = llava_model.prepare([photo, []], ["what is in the image ?", "what is in the image ?"])
+    assert batch.layout.images[1] == () and len(batch.layout.images[0]) == 1
+    with torch.no_grad():
+        alone, batched = llava_model(inputs), llava_model(batch)
+    n = int(inputs.attention_mask.sum())
+    assert torch.allclose(batched[1, :n], alone[0, :n], atol=1e-5)
+
+
+def test_words_the_tokenizer_does_not_know_are_named(llava_model, photo):
+    with pytest.warns(UnknownWordsWarning, match=r"\['animal', 'zebra'\].*'<unk>'.*get_vocab"):
+        llava_model.prepare(photo, "what animal is in the image ?", answer="a zebra")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnknownWordsWarning)
+        llava_model.prepare(photo, "what is in the image ?", answer="a cat")
+
+
+def test_an_offline_hub_id_fails_at_once(monkeypatch):
+    import huggingface_hub.constants  # noqa: F401  (imported before the variable is set, as in a session)
+
+    from vlens import loading
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("no connection may be tried while HF_HUB_OFFLINE is set")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("socket.create_connection", no_network)
+    with pytest.raises(CheckpointNotFoundError, match="not in the local Hugging Face cache.*HF_HUB_OFFLINE"):
+        HookedVLM.from_pretrained("someorg/not-cached-anywhere")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(loading, "hub_reachable", lambda endpoint, timeout=3.0: False)
+    with pytest.raises(CheckpointNotFoundError, match="cannot be reached"):
+        HookedVLM.from_pretrained("someorg/not-cached-anywhere")
 
 
 def test_bad_checkpoints(tmp_path, llava_dir):

@@ -200,7 +200,8 @@ class VisionPrefixAdapter(ABC):
         spans = []
         for row in range(input_ids.shape[0]):
             positions = ((input_ids[row] == self.image_token_id) & attention_mask[row].bool()).nonzero().flatten()
-            spans.append(self.image_spans(batch, row, positions))
+            # A text-only row (no image given) has no spans; families read image tensors only for images.
+            spans.append(self.image_spans(batch, row, positions) if positions.numel() else [])
         return assemble_layout(
             input_ids,
             attention_mask,

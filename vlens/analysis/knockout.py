@@ -143,13 +143,14 @@ def engine_for(model: Any, length: int, requested: Engine) -> EngineRun:
         return EngineRun("naive", f"sliding-window layers ({window} tokens) are shorter than the sequence ({length})")
     problem = layer_cache_problem(model)
     if problem is not None:
-        return _unexpected(problem)
+        return _unexpected(model, problem)
     return EngineRun("kv")
 
 
-def _unexpected(reason: str) -> EngineRun:
-    if reason not in _warned:
-        _warned.add(reason)
+def _unexpected(model: Any, reason: str) -> EngineRun:
+    warned = model.__dict__.setdefault("_engine_fallbacks_warned", set())  # once per model and reason
+    if reason not in warned:
+        warned.add(reason)
         warnings.warn(
             f"token-removal analyses fall back from the kv engine to the naive one (same losses, one full "
             f"forward per variant): {reason}",
@@ -157,9 +158,6 @@ def _unexpected(reason: str) -> EngineRun:
             stacklevel=4,
         )
     return EngineRun("naive", reason, expected=False)
-
-
-_warned: set[str] = set()
 
 
 class EngineFallbackWarning(UserWarning):
@@ -198,7 +196,7 @@ def variant_losses(
         if run.engine == "kv":
             losses, problem_found = _kv_losses(model, problem, unique, batch_size, max_tokens)
             if problem_found is not None:
-                run = _unexpected(problem_found)
+                run = _unexpected(model, problem_found)
         if losses is None:
             losses = torch.stack([_naive_loss(model, problem, keep) for keep in unique])
     return losses[inverse].cpu(), run
