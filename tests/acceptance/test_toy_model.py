@@ -84,3 +84,18 @@ def test_heldout_answers_beat_most_common_answer(answers: dict) -> None:
         common = max(set(train_answers[kind]), key=train_answers[kind].count)
         baseline = sum(expected == common for _, expected, _ in answers[kind]) / len(answers[kind])
         assert _accuracy(answers[kind]) > baseline, (kind, answers[kind])
+
+
+def test_default_scene_caption_equals_a_no_cache_greedy_loop(model: HookedVLM) -> None:
+    # The caption `vlens report` shows: the reference is the untouched Hugging Face model re-run on
+    # the whole sequence at every step, which no key/value-cache bug can reach (transformers 5.24
+    # under TransformerLens 4.3 once turned this caption into "a yes yes yes ...").
+    from tests.parity.helpers import greedy_without_cache
+    from vlens.data import CAPTION_QUESTION, generate_scene
+
+    inputs = model.prepare(generate_scene(0).image, CAPTION_QUESTION)
+    reference = LlavaForConditionalGeneration.from_pretrained(toy_checkpoint_path(), attn_implementation="eager").eval()
+    got = model.generate(inputs, max_new_tokens=12).tokens[0]
+    expected = greedy_without_cache(reference, inputs.model_kwargs(), 12)
+    assert torch.equal(got, expected[: len(got)]) and len(got) >= 8, (got.tolist(), expected.tolist())
+    assert model.tokenizer.decode(got, skip_special_tokens=True).startswith("a ")
