@@ -82,6 +82,9 @@ def main() -> None:
         grads.append(time.perf_counter() - start)
     t_grad = statistics.median(grads)
 
+    print(f"engine that ran for the drop: {drop.engine}" + (f" ({drop.engine_reason})" if drop.engine_reason else ""))
+    if drop.engine != "kv":
+        raise SystemExit("the kv engine did not run; its timing is not a measurement of it")
     print(f"one forward of the whole model      {forward:7.3f} s (median of 5)")
     print(f"drop, shared prefix (576 tokens)    {t_drop:7.2f} s")
     print(f"drop, one forward per token         {t_naive:7.2f} s  ({len(chosen)} timed: {t_naive_part:.2f} s, scaled)")

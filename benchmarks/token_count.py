@@ -122,6 +122,11 @@ def main() -> None:
     kv, naive, hf = min(times["kv"]), min(times["naive"]), min(times["hf_loop"])
     diff = float((results["kv"].loss - results["naive"].loss).abs().max())
     diff_hf = float((results["kv"].loss - results["hf_loop"].loss.to(results["kv"].loss.dtype)).abs().max())
+    # A kv run that fell back to the naive engine would time the wrong thing: say which ran.
+    ran = results["kv"]
+    print(f"engine that ran for method='kv': {ran.engine}" + (f" ({ran.engine_reason})" if ran.engine_reason else ""))
+    if ran.engine != "kv":
+        raise SystemExit("the kv engine did not run; its timing is not a measurement of it")
     print(f"kv       best {kv:7.2f} s")
     print(f"naive    best {naive:7.2f} s")
     print(f"hf_loop  best {hf:7.2f} s")
