@@ -51,7 +51,7 @@ def test_logit_lens_equals_hf(tiny, case):
     inputs, cache, states, out = case
     positions = ref.image_positions(tiny.reference, inputs.input_ids)
     words = [5, 7]
-    result = va.logit_lens(tiny.model, cache, positions="image", k=4, words=words)
+    result = va.logit_lens(tiny.model, cache, positions="image", k=4, words=words).row(0)
     n_layers = tiny.model.n_layers
     assert result.top_ids.shape == (n_layers + 1, len(positions), 4)
     assert torch.equal(result.positions, positions)
@@ -68,11 +68,11 @@ def test_logit_lens_equals_hf(tiny, case):
 
 def test_logit_lens_match_rate_counts_labels_in_top_k(tiny, case):
     _, cache, _, _ = case
-    lens = va.logit_lens(tiny.model, cache, positions="image", k=3)
+    lens = va.logit_lens(tiny.model, cache, positions="image", k=3).row(0)
     n = lens.positions.numel()
     labels = lens.top_ids[-1, :, 0].clone()  # the last layer's top-1: always a match there
     labels[n // 2 :] = -1  # unlabelled
-    result = va.logit_lens(tiny.model, cache, positions="image", k=3, labels=labels)
+    result = va.logit_lens(tiny.model, cache, positions="image", k=3, labels=labels).row(0)
     assert result.match_rate[-1] == 1.0
     expected = (lens.top_ids[:, : n // 2] == labels[: n // 2, None]).any(-1).float().mean(-1)
     assert torch.allclose(result.match_rate, expected)
@@ -81,7 +81,7 @@ def test_logit_lens_match_rate_counts_labels_in_top_k(tiny, case):
 @pytest.mark.parametrize("against", ["text_states", "text_embeddings", "vocab"])
 def test_modality_similarity_equals_hf(tiny, case, against):
     inputs, cache, states, _ = case
-    result = va.modality_similarity(tiny.model, cache, against=against)
+    result = va.modality_similarity(tiny.model, cache, against=against).row(0)
     img = ref.image_positions(tiny.reference, inputs.input_ids)
     txt = inputs.layout.instruction_mask[0].nonzero().flatten()
     W = tiny.reference.get_input_embeddings().weight.detach().float()
@@ -103,7 +103,7 @@ def test_modality_similarity_equals_hf(tiny, case, against):
 @pytest.mark.parametrize("query", ["instruction", "last", "answer"])
 def test_attention_to_image_equals_hf(tiny, case, query):
     inputs, cache, _, out = case
-    result = va.attention_to_image(cache, query=query)
+    result = va.attention_to_image(cache, query=query).row(0)
     img = ref.image_positions(tiny.reference, inputs.input_ids)
     q = inputs.layout.mask(query)[0].nonzero().flatten()
     for layer, pattern in enumerate(ref.attentions(out)):
@@ -125,7 +125,7 @@ def test_streaming_curves_equal_cache_analyses(tiny, photo, photo2):
         stream.update(batch)
         curves = va.modality_similarity(model, cache, against=against).per_layer  # [batch, layer]
         got = stream.result()
-        assert (stream.last_batch - curves).abs().max() <= 1e-5, against  # per example
+        assert (stream.last_batch.per_layer - curves).abs().max() <= 1e-5, against  # per example
         assert got.n_examples == 2
         assert (got.per_layer - curves.mean(0)).abs().max() <= 1e-5, against
         assert (got.std - curves.std(0, unbiased=False)).abs().max() <= 1e-5, against
@@ -176,7 +176,8 @@ def test_batched_results_equal_single_rows(tiny, photo, photo2):
     for row in range(2):
         with torch.no_grad():
             _, cache = model.run_with_cache(model.prepare(images[row], prompts[row], answer=answers[row]), names_filter=names)
-        lens, sim, att = va.logit_lens(model, cache, k=3), va.modality_similarity(model, cache), va.attention_to_image(cache)
+        lens, sim, att = (va.logit_lens(model, cache, k=3).row(0), va.modality_similarity(model, cache).row(0),
+                          va.attention_to_image(cache).row(0))
         n = lens.positions.numel()
         assert torch.equal(lens_b.positions[row, :n], lens.positions)
         assert (lens_b.top_logprobs[row, :, :n] - lens.top_logprobs).abs().max() <= TOL

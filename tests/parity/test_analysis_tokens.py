@@ -40,30 +40,31 @@ def test_token_count_curve_equals_hf_loop(tiny, case, order):
     n = img.numel()
     counts = spread(n)
     perm = torch.arange(n).flip(0) if order == "reversed" else order
-    kv = va.token_count_curve(tiny.model, inputs, counts=counts, order=perm, method="kv", batch_size=3)
-    naive = va.token_count_curve(tiny.model, inputs, counts=counts, order=perm, method="naive")
+    kv = va.token_count_curve(tiny.model, inputs, counts=counts, order=perm, engine="kv", batch_size=3)
+    naive = va.token_count_curve(tiny.model, inputs, counts=counts, order=perm, engine="naive")
     # The kv engine runs wherever the family's contract allows it, and a fallback says why.
     assert kv.engine == ("naive" if tiny.family.per_token else "kv")
     assert (kv.engine_reason == "") == (kv.engine == "kv"), kv.engine_reason
     assert naive.engine == "naive" and naive.engine_reason == ""
     assert torch.equal(kv.counts, torch.tensor(counts))
     assert torch.equal(kv.order, naive.order)
-    ranked = kv.order
+    ranked = kv.row(0).order
     assert sorted(ranked.tolist()) == img.tolist()
     if order == "raster":
         assert torch.equal(ranked, img)
     expected = torch.tensor(
         [ref.reduced_loss(tiny, embeds, ids, answer, set(ranked[k:].tolist()), per_token) for k in counts]
     )
-    assert (kv.loss - expected).abs().max() <= TOL, (kv.loss, expected)
-    assert (naive.loss - expected).abs().max() <= TOL
-    assert abs(float(kv.full_loss) - float(expected[-1])) <= TOL
+    assert kv.loss.shape == (1, len(counts))  # a batch of one keeps its batch axis
+    assert (kv.row(0).loss - expected).abs().max() <= TOL, (kv.loss, expected)
+    assert (naive.row(0).loss - expected).abs().max() <= TOL
+    assert abs(float(kv.row(0).full_loss) - float(expected[-1])) <= TOL
 
 
 def test_token_drop_contributions_equal_hf_loop(tiny, case):
     inputs, embeds, ids, answer, img, per_token = case
-    drop = va.token_contributions(tiny.model, inputs, method="drop", batch_size=5)
-    naive = va.token_contributions(tiny.model, inputs, method="drop", engine="naive")
+    drop = va.token_contributions(tiny.model, inputs, estimator="drop", batch_size=5).row(0)
+    naive = va.token_contributions(tiny.model, inputs, estimator="drop", engine="naive").row(0)
     assert drop.engine == ("naive" if tiny.family.per_token else "kv") and naive.engine == "naive"
     assert torch.equal(drop.image_positions, img)
     assert (drop.delta_loss - naive.delta_loss).abs().max() <= TOL
@@ -76,7 +77,7 @@ def test_token_drop_contributions_equal_hf_loop(tiny, case):
 
 def test_gradient_contributions_equal_hf_autograd(tiny, case):
     inputs, embeds, ids, answer, img, per_token = case
-    grad_result = va.token_contributions(tiny.model, inputs, method="gradient")
+    grad_result = va.token_contributions(tiny.model, inputs, estimator="gradient").row(0)
     leaf = embeds.clone().requires_grad_(True)
     logits = ref.lm_logits(tiny, leaf, per_token)
     loss = torch.nn.functional.cross_entropy(logits[0, answer - 1].float(), ids[answer])
@@ -86,7 +87,7 @@ def test_gradient_contributions_equal_hf_autograd(tiny, case):
     assert (grad_result.delta_loss - expected).abs().max() <= 1e-4 * max(1.0, scale)
     assert abs(float(grad_result.full_loss) - float(loss.detach())) <= TOL
     # How well the first-order estimate ranks tokens like removal does (reported, not asserted).
-    drop = va.token_contributions(tiny.model, inputs, method="drop")
+    drop = va.token_contributions(tiny.model, inputs, estimator="drop").row(0)
     assert torch.isfinite(drop.delta_loss).all() and torch.isfinite(grad_result.delta_loss).all()
     constant = [name for name, v in (("drop", drop.delta_loss), ("gradient", grad_result.delta_loss)) if v.std() == 0]
     if constant:  # e.g. a tiny checkpoint whose projector outputs zeros: no ranking to compare
@@ -118,12 +119,14 @@ def test_batched_count_curve_and_drop_equal_single_rows(tiny, photo, photo2):
     assert curve.loss.shape == (2, 3) and drop.delta_loss.ndim == 2
     for row in range(2):
         single = model.prepare(images[row], prompts[row], answer=answers[row])
-        one = va.token_count_curve(model, single, counts=[0, 2, 5])
+        one = va.token_count_curve(model, single, counts=[0, 2, 5]).row(0)
         assert (curve.loss[row] - one.loss).abs().max() <= TOL
-        d = va.token_contributions(model, single)
+        assert (curve.row(row).loss - one.loss).abs().max() <= TOL
+        d = va.token_contributions(model, single).row(0)
         n = d.delta_loss.numel()
         assert (drop.delta_loss[row, :n] - d.delta_loss).abs().max() <= TOL
         assert drop.delta_loss[row, n:].isnan().all()
+        assert drop.row(row).delta_loss.shape == (n,)  # row() trims the padding
     frame = curve.to_frame()
     assert list(frame.columns) == ["batch", "count", "loss"] and len(frame) == 6
 
@@ -140,9 +143,9 @@ def test_bad_arguments_name_the_value(tiny, case, photo):
     with pytest.raises(AnalysisInputError, match="'zigzag'"):
         va.token_count_curve(model, inputs, order="zigzag")
     with pytest.raises(AnalysisInputError, match="'fast'"):
-        va.token_count_curve(model, inputs, method="fast")
+        va.token_count_curve(model, inputs, engine="fast")
     with pytest.raises(AnalysisInputError, match="'shapley'"):
-        va.token_contributions(model, inputs, method="shapley")
+        va.token_contributions(model, inputs, estimator="shapley")
 
 
 def test_half_precision_model_gives_float32_results(tmp_path, photo):
@@ -165,7 +168,7 @@ def test_half_precision_model_gives_float32_results(tmp_path, photo):
             "attention": va.attention_to_image(cache).mass,
             "count": va.token_count_curve(model, inputs, counts=[0, 8, 16]).loss,
             "drop": va.token_contributions(model, inputs).delta_loss,
-            "gradient": va.token_contributions(model, inputs, method="gradient").delta_loss,
+            "gradient": va.token_contributions(model, inputs, estimator="gradient").delta_loss,
         }
     for key, value in results["half"].items():
         assert value.dtype == torch.float32, key

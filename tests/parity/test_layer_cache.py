@@ -46,9 +46,9 @@ def test_the_probe_reports_an_unfilled_cache(starved):
 
 def test_token_engines_fall_back_with_the_reason_and_a_warning(starved, photo):
     inputs = starved.prepare(photo, "what is in the image ?", answer="a red circle .")
-    naive = va.token_count_curve(starved, inputs, counts=[0, 3, 8], method="naive")
+    naive = va.token_count_curve(starved, inputs, counts=[0, 3, 8], engine="naive")
     with pytest.warns(EngineFallbackWarning, match="not filled"):
-        kv = va.token_count_curve(starved, inputs, counts=[0, 3, 8], method="kv")
+        kv = va.token_count_curve(starved, inputs, counts=[0, 3, 8], engine="kv")
     assert kv.engine == "naive" and "not filled" in kv.engine_reason
     assert torch.allclose(kv.loss, naive.loss, atol=1e-6)  # the losses the fallback gives stay exact
 
@@ -57,7 +57,7 @@ def test_the_engine_checks_the_cache_it_got_even_when_the_probe_passed(starved, 
     starved._layer_cache_problem = None  # as if the probe had seen a working cache
     inputs = starved.prepare(photo, "what is in the image ?", answer="a red circle .")
     with pytest.warns(EngineFallbackWarning, match="positions per layer"):
-        drop = va.token_contributions(starved, inputs, method="drop", engine="kv")
+        drop = va.token_contributions(starved, inputs, estimator="drop", engine="kv")
     assert drop.engine == "naive" and "positions per layer" in drop.engine_reason
 
 

@@ -93,7 +93,7 @@ def one_hot_patterns(key: int) -> dict:
 
 
 def test_one_hot_attention_on_an_image_token_gives_mass_one():
-    result = va.attention_to_image(FakeCache(one_hot_patterns(key=3)), query="instruction")
+    result = va.attention_to_image(FakeCache(one_hot_patterns(key=3)), query="instruction").row(0)
     assert torch.equal(result.mass, torch.ones(N_LAYERS, HEADS))
     assert torch.equal(result.received, torch.tensor([[0.0, 1.0, 0.0, 0.0]] * N_LAYERS))
     assert torch.equal(result.image_positions, torch.tensor(IMAGE_POS))
@@ -101,7 +101,7 @@ def test_one_hot_attention_on_an_image_token_gives_mass_one():
 
 
 def test_one_hot_attention_on_text_gives_mass_zero():
-    result = va.attention_to_image(FakeCache(one_hot_patterns(key=0)), query="last")
+    result = va.attention_to_image(FakeCache(one_hot_patterns(key=0)), query="last").row(0)
     assert torch.equal(result.mass, torch.zeros(N_LAYERS, HEADS))
     assert torch.equal(result.query_positions, torch.tensor([len(IDS) - 1]))
 
@@ -113,9 +113,9 @@ def test_sink_tokens_flag_the_token_that_takes_the_attention():
         p[..., 3] = 0.5
         acts[name] = p
     sinks = va.find_sink_tokens(va.attention_to_image(FakeCache(acts)), factor=5.0)
-    assert torch.equal(sinks.is_sink, torch.tensor([[False, True, False, False]] * N_LAYERS))
+    assert torch.equal(sinks.row(0).is_sink, torch.tensor([[False, True, False, False]] * N_LAYERS))
     assert torch.equal(sinks.positions(layer=0), torch.tensor([3]))
-    assert set(sinks.to_frame().columns) == {"layer", "pos", "ratio", "is_sink"}
+    assert set(sinks.to_frame().columns) == {"batch", "layer", "pos", "ratio", "is_sink"}
 
 
 def test_attention_mass_is_the_share_on_image_keys():
@@ -124,11 +124,12 @@ def test_attention_mass_is_the_share_on_image_keys():
     p[:, 0, :, 0] = 0.75
     p[:, 1, :, 2:6] = 0.25  # head 1: all on the image, evenly
     acts = {f"blocks.{l}.attn.hook_pattern": p for l in range(N_LAYERS)}
-    result = va.attention_to_image(FakeCache(acts))
+    batched = va.attention_to_image(FakeCache(acts))
+    result = batched.row(0)
     assert torch.allclose(result.mass, torch.tensor([[0.25, 1.0]] * N_LAYERS))
     assert torch.allclose(result.received[0], torch.tensor([0.25, 0.125, 0.125, 0.125]))
-    frame = result.to_frame()
-    assert list(frame.columns) == ["layer", "head", "mass"] and len(frame) == N_LAYERS * HEADS
+    frame = batched.to_frame()
+    assert list(frame.columns) == ["batch", "layer", "head", "mass"] and len(frame) == N_LAYERS * HEADS
 
 
 # ---- similarity ---------------------------------------------------------------------
@@ -144,9 +145,9 @@ def states_with(image_vec: torch.Tensor, text_vec: torch.Tensor) -> list[torch.T
 
 def test_orthogonal_states_have_cosine_zero_and_parallel_ones_one():
     model = fake_model(torch.eye(D), U)
-    orth = va.modality_similarity(model, FakeCache(resid_acts(states_with(basis(0), basis(1)))))
+    orth = va.modality_similarity(model, FakeCache(resid_acts(states_with(basis(0), basis(1))))).row(0)
     assert torch.equal(orth.per_layer, torch.zeros(N_LAYERS + 1))
-    same = va.modality_similarity(model, FakeCache(resid_acts(states_with(3 * basis(2), 0.5 * basis(2)))))
+    same = va.modality_similarity(model, FakeCache(resid_acts(states_with(3 * basis(2), 0.5 * basis(2))))).row(0)
     assert torch.allclose(same.per_layer, torch.ones(N_LAYERS + 1))
     assert same.per_token.shape == (N_LAYERS + 1, len(IMAGE_POS))
 
@@ -154,10 +155,11 @@ def test_orthogonal_states_have_cosine_zero_and_parallel_ones_one():
 def test_vocab_similarity_finds_the_embedding_row():
     W_E = torch.eye(D)
     states = states_with(basis(5) * 2.0, basis(1))
-    result = va.modality_similarity(fake_model(W_E, W_E), FakeCache(resid_acts(states)), against="vocab")
+    batched = va.modality_similarity(fake_model(W_E, W_E), FakeCache(resid_acts(states)), against="vocab")
+    result = batched.row(0)
     assert torch.allclose(result.per_layer, torch.ones(N_LAYERS + 1))
     assert torch.equal(result.nearest_ids, torch.full((N_LAYERS + 1, len(IMAGE_POS)), 5))
-    assert "nearest_id" in result.to_frame().columns
+    assert "nearest_id" in batched.to_frame().columns
 
 
 def test_text_embedding_similarity_reads_the_token_ids():
@@ -165,7 +167,7 @@ def test_text_embedding_similarity_reads_the_token_ids():
     W_E[10], W_E[11], W_E[12] = basis(0), basis(0), basis(1)  # the instruction's tokens
     acts = resid_acts(states_with(basis(0), basis(3)))
     acts["embed.hook_in"] = torch.tensor([IDS])
-    result = va.modality_similarity(fake_model(W_E, W_E.T), FakeCache(acts), against="text_embeddings")
+    result = va.modality_similarity(fake_model(W_E, W_E.T), FakeCache(acts), against="text_embeddings").row(0)
     assert torch.allclose(result.per_layer, torch.full((N_LAYERS + 1,), 2 / 3))
 
 
@@ -178,28 +180,29 @@ def test_logit_lens_reads_a_one_hot_residual():
         s[p] = 10 * basis(i)  # image token i points at vocabulary entry i
     model = fake_model(torch.eye(D), U)
     states = [s, s, -s]  # the last layer points away from it
-    result = va.logit_lens(model, FakeCache(resid_acts(states)), k=2, words=["t0", 1], labels=["t0", "t1", None, 6])
+    batched = va.logit_lens(model, FakeCache(resid_acts(states)), k=2, words=["t0", 1], labels=["t0", "t1", None, 6])
+    result = batched.row(0)
     assert torch.equal(result.top_ids[0, :, 0], torch.arange(4))
     assert torch.equal(result.word_ranks[0, 0], torch.tensor([0, 1]))  # t0 first, t1 tied with the rest: 1 above
     assert torch.allclose(result.top_logprobs[0, :, 0], torch.log_softmax(10 * basis(0, 16), 0)[0].expand(4))
     # Layers 0 and 1: tokens 0 and 1 match their labels, 3 does not (label 6), 2 is unlabelled.
     assert torch.allclose(result.match_rate, torch.tensor([2 / 3, 2 / 3, 0.0]))
-    frame = result.to_frame()
-    assert list(frame.columns) == ["layer", "pos", "rank", "token_id", "logprob"]
+    frame = batched.to_frame()
+    assert list(frame.columns) == ["batch", "layer", "pos", "rank", "token_id", "logprob"]
     assert len(frame) == (N_LAYERS + 1) * 4 * 2 and set(frame["pos"]) == set(IMAGE_POS)
-    assert set(result.words_frame().columns) == {"layer", "pos", "word", "logprob", "rank"}
+    assert set(batched.words_frame().columns) == {"batch", "layer", "pos", "word", "logprob", "rank"}
 
 
 def test_logit_lens_positions_and_layers_select():
     s = torch.randn(len(IDS), D)
     model = fake_model(torch.eye(D), U)
     cache = FakeCache(resid_acts([s, s, s]))
-    result = va.logit_lens(model, cache, positions=[7, 2], layers=[2], k=1)
+    result = va.logit_lens(model, cache, positions=[7, 2], layers=[2], k=1).row(0)
     assert result.top_ids.shape == (1, 2, 1)
     assert torch.equal(result.layers, torch.tensor([2]))
     assert torch.equal(result.top_ids[0, :, 0], s[[7, 2]].argmax(-1))
     last = va.logit_lens(model, cache, positions="last", k=1)
-    assert torch.equal(last.positions, torch.tensor([10]))
+    assert torch.equal(last.positions, torch.tensor([[10]]))
 
 
 # ---- errors -------------------------------------------------------------------------
@@ -261,7 +264,7 @@ def test_ragged_rows_pad_at_the_end():
     ids = stack_rows([torch.tensor([1, 2]), torch.tensor([3])])
     assert ids.tolist() == [[1, 2], [3, -1]]
     single = torch.tensor([5.0])
-    assert stack_rows([single]) is single
+    assert torch.equal(stack_rows([single]), single[None])  # one row keeps its batch axis
 
 
 def test_batched_cache_adds_a_batch_axis_and_frames_drop_padding():
@@ -280,8 +283,15 @@ def test_results_are_frozen_and_shape_checked():
         result.mass = torch.zeros(1)  # type: ignore[misc]
     with pytest.raises(Exception):  # jaxtyping: received's layer axis disagrees with mass's
         va.AttentionResult(
+            mass=torch.zeros(1, 2, 2),
+            received=torch.zeros(1, 3, 4),
+            image_positions=torch.arange(4)[None],
+            query_positions=torch.arange(2)[None],
+        )
+    with pytest.raises(Exception):  # a result without its batch axis is refused
+        va.AttentionResult(
             mass=torch.zeros(2, 2),
-            received=torch.zeros(3, 4),
+            received=torch.zeros(2, 4),
             image_positions=torch.arange(4),
             query_positions=torch.arange(2),
         )

@@ -9,23 +9,25 @@ module declares the hooks it reads (``required_hooks(model)``), so
 caches only those. Per-layer results follow the layer-axis convention: index 0 is
 ``blocks.0.hook_resid_pre`` (the input embeddings), index l is
 ``blocks.{l-1}.hook_resid_post``; ``n_layers + 1`` entries. Everything is computed in
-float32 whatever dtype the model runs in. A single-example batch gives the shapes in
-each result's docstring; a batch of B > 1 rows adds a leading ``batch`` axis.
+float32 whatever dtype the model runs in. Every result keeps a leading ``batch`` axis,
+whatever the batch size; ``result.row(b)`` gives one example's values. Each analysis of
+activations has one reduction, which its cache form and its stream (``SimilarityStream``,
+``AttentionStream``, ``LensStream``; see :mod:`vlens.analysis.streaming`) share.
 """
 
 from vlens.analysis import attention, dependence, knockout, lens, similarity, streaming, tokens
-from vlens.analysis.attention import AttentionResult, SinkTokens, attention_to_image, find_sink_tokens
-from vlens.analysis.dependence import PromptDependenceResult, prompt_dependence
-from vlens.analysis.lens import LensResult, logit_lens
-from vlens.analysis.similarity import SimilarityResult, modality_similarity
-from vlens.analysis.streaming import (
+from vlens.analysis.attention import (
+    AttentionResult,
     AttentionStats,
     AttentionStream,
-    CurveStats,
-    LensStats,
-    LensStream,
-    SimilarityStream,
+    SinkTokens,
+    attention_to_image,
+    find_sink_tokens,
 )
+from vlens.analysis.dependence import PromptDependenceResult, prompt_dependence
+from vlens.analysis.lens import LensResult, LensStats, LensStream, logit_lens
+from vlens.analysis.similarity import SimilarityResult, SimilarityStream, modality_similarity
+from vlens.analysis.streaming import CurveStats, Stream
 from vlens.analysis.tokens import ContributionResult, CountCurveResult, token_contributions, token_count_curve
 
 __all__ = [
@@ -42,6 +44,7 @@ __all__ = [
     "SimilarityResult",
     "SimilarityStream",
     "SinkTokens",
+    "Stream",
     "attention",
     "attention_to_image",
     "dependence",

@@ -1,15 +1,18 @@
 """What every analysis shares: result-class helpers, hook checks, position parsing.
 
-Batched results: an analysis given a batch of B > 1 rows returns fields with a leading
-``batch`` axis. Rows may differ in how many positions (or image tokens) they have; the
-shorter rows are padded at the end of that axis with NaN (floats), -1 (integer ids and
-positions) or False (booleans). A single-example batch gives fields without that axis.
+Batched results: every result keeps a leading ``batch`` axis, whatever the batch size
+(one example gives a batch of one), so no caller branches on it; ``result.row(b)`` gives
+one example's values with that axis removed and the end padding trimmed. Rows may differ
+in how many positions (or image tokens) they have; the shorter rows are padded at the end
+of that axis with NaN (floats), -1 (integer ids and positions) or False (booleans).
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, Iterable, Optional, Sequence, Union
+import dataclasses
+import typing
+from typing import Any, Callable, ClassVar, Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import pandas as pd
@@ -47,14 +50,14 @@ def pattern_hooks(n_layers: int) -> list[str]:
     return [f"blocks.{l}.attn.hook_pattern" for l in range(n_layers)]
 
 
-def check_cached(cache: Any, names: Iterable[str], analysis: str, module: str) -> None:
+def check_cached(cache: Any, names: Iterable[str], analysis: str, module: str, hint: str = "required_hooks(model)") -> None:
     """Raise ``AnalysisInputError`` naming the hooks a cache lacks."""
     missing = [n for n in names if n not in cache]
     if missing:
         shown = missing if len(missing) <= 4 else [*missing[:4], f"... ({len(missing)} in all)"]
         raise AnalysisInputError(
             f"{analysis} needs hooks this cache does not hold: {shown}. Cache them with "
-            f"model.run_with_cache(inputs, names_filter=vlens.analysis.{module}.required_hooks(model))"
+            f"model.run_with_cache(inputs, names_filter=vlens.analysis.{module}.{hint})"
         )
 
 
@@ -127,9 +130,7 @@ def pad_value(t: Tensor) -> Any:
 
 
 def stack_rows(rows: Sequence[Tensor]) -> Tensor:
-    """One row's tensor unchanged, or the rows stacked on a new axis 0 with end padding."""
-    if len(rows) == 1:
-        return rows[0]
+    """The rows stacked on a new axis 0 (the batch axis, kept for one row too), with end padding."""
     shape = [max(r.shape[d] for r in rows) for d in range(rows[0].ndim)]
     out = torch.full((len(rows), *shape), pad_value(rows[0]), dtype=rows[0].dtype)
     for i, r in enumerate(rows):
@@ -141,6 +142,106 @@ def stack_optional(rows: Sequence[Optional[Tensor]]) -> Optional[Tensor]:
     return None if rows[0] is None else stack_rows(rows)  # type: ignore[arg-type]
 
 
+class ResultRow(Mapping):
+    """One example's values of a batched result: each batched field indexed at the row, end
+    padding trimmed; other fields as they are. Read fields as attributes or by name."""
+
+    def __init__(self, values: dict[str, Any]) -> None:
+        self._values = values
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.__dict__["_values"][name]
+        except KeyError:
+            raise AttributeError(f"this result has no field {name!r}; it has {sorted(self._values)}") from None
+
+    def __getitem__(self, name: str) -> Any:
+        return self._values[name]
+
+    def __iter__(self):
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __repr__(self) -> str:
+        return "ResultRow(" + ", ".join(_short(k, v) for k, v in self._values.items()) + ")"
+
+
+def _short(name: str, value: Any) -> str:
+    if isinstance(value, Tensor):
+        return f"{name}={tuple(value.shape)} {str(value.dtype).removeprefix('torch.')}"
+    return f"{name}={value!r}"
+
+
+class ShortRepr:
+    """A repr that shows each tensor field's shape and dtype, not its values."""
+
+    def __repr__(self) -> str:
+        parts = [_short(f.name, getattr(self, f.name)) for f in dataclasses.fields(self)]  # type: ignore[arg-type]
+        return f"{type(self).__name__}(" + ", ".join(parts) + ")"
+
+
+class BatchedResult(ShortRepr):
+    """Mixin of the result dataclasses: the batch size, one row's values, a short repr.
+
+    A field is batched when its jaxtyping annotation starts with the ``batch`` axis. A
+    subclass names, in ``ragged``, the axes whose length varies between rows and the field
+    that holds that axis's positions (-1 where a row is padded), e.g. ``{"img": "image_positions"}``.
+    """
+
+    ragged: ClassVar[dict[str, str]] = {}
+
+    @property
+    def batch_size(self) -> int:
+        for name, dims in _field_dims(type(self)).items():
+            value = getattr(self, name)
+            if dims and dims[0] == "batch" and isinstance(value, Tensor):
+                return int(value.shape[0])
+        raise AnalysisInputError(f"{type(self).__name__} has no batched field")
+
+    def row(self, b: int) -> ResultRow:
+        """Example ``b``'s values: the batch axis removed, each ragged axis cut to the row's length."""
+        if not isinstance(b, int) or not 0 <= b < self.batch_size:
+            raise AnalysisInputError(f"row {b!r} is out of range for a batch of {self.batch_size} (0..{self.batch_size - 1})")
+        dims_of = _field_dims(type(self))
+        lengths = {}
+        for axis, index_field in self.ragged.items():
+            index = getattr(self, index_field)
+            if isinstance(index, Tensor):
+                lengths[axis] = int((index[b] >= 0).sum())
+        values: dict[str, Any] = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            dims = dims_of.get(field.name, ())
+            if isinstance(value, Tensor) and dims and dims[0] == "batch":
+                value = value[b]
+                for axis, dim in enumerate(dims[1:]):
+                    if dim in lengths:
+                        value = value.narrow(axis, 0, lengths[dim])
+            values[field.name] = value
+        return ResultRow(values)
+
+
+_DIMS_CACHE: dict[type, dict[str, tuple[str, ...]]] = {}
+
+
+def _field_dims(cls: type) -> dict[str, tuple[str, ...]]:
+    """Each field's jaxtyping axis names, read from the class annotations."""
+    if cls not in _DIMS_CACHE:
+        hints = typing.get_type_hints(cls)
+        found: dict[str, tuple[str, ...]] = {}
+        for name, hint in hints.items():
+            candidates = typing.get_args(hint) or (hint,)
+            for c in candidates:
+                dim_str = getattr(c, "dim_str", None)
+                if isinstance(dim_str, str):
+                    found[name] = tuple(d.lstrip("*") for d in dim_str.split())
+                    break
+        _DIMS_CACHE[cls] = found
+    return _DIMS_CACHE[cls]
+
+
 # ---- frames -------------------------------------------------------------------------
 
 
@@ -148,7 +249,7 @@ def long_frame(
     values: dict[str, Tensor],
     dims: Sequence[str],
     coords: Optional[dict[str, Tensor]] = None,
-    batched: bool = False,
+    batched: bool = True,
 ) -> pd.DataFrame:
     """A long-format DataFrame from tensors sharing the axes ``dims``.
 
@@ -188,12 +289,14 @@ def long_frame(
 
 
 def fp32_final_norm(model: Any) -> Callable[[Tensor], Tensor]:
-    """The language model's final norm computing in float32 (a float32 copy if needed)."""
+    """The language model's final norm computing in float32 (a float32 copy if needed), on
+    the norm's own device (under a ``device_map`` the layers live on several devices)."""
     module = model.bridge.ln_final.original_component
     params = list(module.parameters())
     if params and params[0].dtype != torch.float32:
         module = copy.deepcopy(module).float()
-    return lambda x: module(x.float()).float()
+    device = params[0].device if params else None
+    return lambda x: module(x.float().to(device)).float()
 
 
 def fp32_unembed(model: Any) -> Callable[[Tensor], Tensor]:

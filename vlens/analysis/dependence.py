@@ -17,7 +17,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from vlens.analysis._common import long_frame, resid_hooks, typechecked
+from vlens.analysis._common import ShortRepr, long_frame, resid_hooks, typechecked
 from vlens.analysis.similarity import unit
 from vlens.errors import AnalysisInputError
 
@@ -28,8 +28,8 @@ def required_hooks(model: Any) -> list[str]:
 
 
 @typechecked
-@dataclass(frozen=True, eq=False)
-class PromptDependenceResult:
+@dataclass(frozen=True, eq=False, repr=False)
+class PromptDependenceResult(ShortRepr):
     """How much the image tokens' residual stream changes across prompts, per layer.
 
     The same image is run with each prompt (one at a time). With ``h_p[l, i]`` the
@@ -57,7 +57,7 @@ class PromptDependenceResult:
     def to_frame(self) -> pd.DataFrame:
         """Long format per layer: layer, cosine_distance, max_abs_diff."""
         return long_frame(
-            {"cosine_distance": self.per_layer, "max_abs_diff": self.max_abs_diff}, dims=("layer",)
+            {"cosine_distance": self.per_layer, "max_abs_diff": self.max_abs_diff}, dims=("layer",), batched=False
         )
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, Optional
+from typing import TYPE_CHECKING, Any, Literal, Optional
 
 import pandas as pd
 import torch
@@ -11,7 +11,9 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from vlens.analysis._common import (
+    BatchedResult,
     PositionSpec,
+    check_cached,
     check_nonempty,
     image_positions,
     long_frame,
@@ -21,14 +23,19 @@ from vlens.analysis._common import (
     stack_rows,
     typechecked,
 )
+from vlens.analysis.streaming import CurveStats, Reduction, Stream
 from vlens.errors import AnalysisInputError
+
+if TYPE_CHECKING:
+    from vlens.layout import TokenLayout
+    from vlens.model import HookedVLM
 
 Against = Literal["text_states", "text_embeddings", "vocab"]
 AGAINST = ("text_states", "text_embeddings", "vocab")
 EPS = 1e-8
 
 
-def required_hooks(model: Any, against: Against = "text_states") -> list[str]:
+def required_hooks(model: "HookedVLM", against: Against = "text_states") -> list[str]:
     """Hooks :func:`modality_similarity` reads: the residual stream at every layer
     boundary, plus the token ids (``embed.hook_in``) for ``"text_embeddings"``."""
     check_against(against)
@@ -36,8 +43,8 @@ def required_hooks(model: Any, against: Against = "text_states") -> list[str]:
 
 
 @typechecked
-@dataclass(frozen=True, eq=False)
-class SimilarityResult:
+@dataclass(frozen=True, eq=False, repr=False)
+class SimilarityResult(BatchedResult):
     """Cosine similarity of visual-token hidden states to text, per layer.
 
     Layer index l: 0 = ``blocks.0.hook_resid_pre`` (input embeddings, image features
@@ -53,41 +60,40 @@ class SimilarityResult:
       e of ``cos(v_i, e)`` (``nearest_ids`` holds the argmax); ``per_layer[l]`` is the
       mean over image tokens.
 
-    Batched inputs add a leading ``batch`` axis (image axes padded with NaN / -1).
+    Every field but ``against`` has a leading ``batch`` axis (image and text axes padded
+    at the end with NaN / -1); ``row(b)`` gives one example's values.
 
     Attributes:
-        per_layer: The curve, ``[layer]``.
-        per_token: Per image token, ``[layer, img]``.
+        per_layer: The curve, ``[batch, layer]``.
+        per_token: Per image token, ``[batch, layer, img]``.
         image_positions: Sequence position of each ``img`` entry.
         text_positions: The text positions compared against (None for ``"vocab"``).
-        nearest_ids: For ``"vocab"``, the most similar vocabulary id, ``[layer, img]``.
+        nearest_ids: For ``"vocab"``, the most similar vocabulary id, ``[batch, layer, img]``.
         against: Which comparison.
     """
 
-    per_layer: Float[Tensor, "*batch layer"]
-    per_token: Float[Tensor, "*batch layer img"]
-    image_positions: Int[Tensor, "*batch img"]
-    text_positions: Optional[Int[Tensor, "*batch txt"]]
-    nearest_ids: Optional[Int[Tensor, "*batch layer img"]]
+    ragged = {"img": "image_positions", "txt": "text_positions"}
+
+    per_layer: Float[Tensor, "batch layer"]
+    per_token: Float[Tensor, "batch layer img"]
+    image_positions: Int[Tensor, "batch img"]
+    text_positions: Optional[Int[Tensor, "batch txt"]]
+    nearest_ids: Optional[Int[Tensor, "batch layer img"]]
     against: str
 
-    @property
-    def batched(self) -> bool:
-        return self.per_layer.ndim == 2
-
     def to_frame(self) -> pd.DataFrame:
-        """Long format, per image token: layer, pos (sequence position), similarity,
+        """Long format, per image token: batch, layer, pos (sequence position), similarity,
         plus ``nearest_id`` for ``"vocab"``; ``against`` names the comparison."""
         values = {"similarity": self.per_token}
         if self.nearest_ids is not None:
             values["nearest_id"] = self.nearest_ids
-        frame = long_frame(values, dims=("layer", "pos"), coords={"pos": self.image_positions}, batched=self.batched)
+        frame = long_frame(values, dims=("layer", "pos"), coords={"pos": self.image_positions})
         frame["against"] = self.against
         return frame
 
     def curve_frame(self) -> pd.DataFrame:
-        """Long format of the curve: layer, similarity."""
-        frame = long_frame({"similarity": self.per_layer}, dims=("layer",), batched=self.batched)
+        """Long format of the curve: batch, layer, similarity."""
+        frame = long_frame({"similarity": self.per_layer}, dims=("layer",))
         frame["against"] = self.against
         return frame
 
@@ -112,7 +118,7 @@ def max_cosine_to_vocab(
     return best, arg
 
 
-def vocab_unit(model: Any) -> Float[Tensor, "vocab d_model"]:
+def vocab_unit(model: "HookedVLM") -> Float[Tensor, "vocab d_model"]:
     """The embedding matrix, rows normalised, in float32."""
     return unit(model.W_E.detach().float())
 
@@ -122,8 +128,72 @@ def check_against(against: str) -> None:
         raise AnalysisInputError(f"unknown against={against!r}; choose one of {list(AGAINST)}")
 
 
+@dataclass(frozen=True)
+class _Row:
+    img: Tensor
+    txt: Optional[Tensor]
+    text_unit: Optional[Tensor]  # unit input embeddings of the text tokens ("text_embeddings")
+
+
+class SimilarityReduction(Reduction[SimilarityResult]):
+    """Per example and layer, the cosine of each image token's state to text (the definition
+    in :class:`SimilarityResult`), shared by :func:`modality_similarity` and :class:`SimilarityStream`."""
+
+    def __init__(self, model: "HookedVLM", against: Against = "text_states", text: PositionSpec = "instruction") -> None:
+        check_against(against)
+        self.model = model
+        self.against = against
+        self.text = text
+        self.names = resid_hooks(model.n_layers)
+        self.needs_ids = against == "text_embeddings"
+        self._vocab = vocab_unit(model) if against == "vocab" else None
+
+    def context(self, layout: "TokenLayout", row: int, input_ids: Optional[Tensor]) -> _Row:
+        img = image_positions(layout, row)
+        if self.against == "vocab":
+            return _Row(img, None, None)
+        txt = row_positions(layout, self.text, row, what="text")
+        check_nonempty(txt, "text", self.text, row)
+        text_unit = None
+        if input_ids is not None and self.needs_ids:
+            w = self.model.W_E.detach()
+            text_unit = unit(w[input_ids[row, txt.to(input_ids.device)].long().to(w.device)].float())
+        return _Row(img, txt, text_unit)
+
+    def reduce(self, index: int, states: Tensor, ctx: _Row) -> tuple[Tensor, Optional[Tensor]]:
+        v = unit(states[ctx.img.to(states.device)].float())  # [img, d]
+        if self.against == "vocab":
+            best, arg = max_cosine_to_vocab(v, self._vocab.to(v.device))
+            return best.cpu(), arg.cpu()
+        if self.against == "text_states":
+            t = unit(states[ctx.txt.to(states.device)].float())
+        else:
+            t = ctx.text_unit.to(v.device)
+        return (v @ t.T).mean(-1).cpu(), None
+
+    def assemble(self, ctx: _Row, pieces: list[tuple[Tensor, Optional[Tensor]]]) -> dict[str, Any]:
+        per_token = torch.stack([p[0] for p in pieces])  # [layer, img]
+        return {
+            "per_layer": per_token.mean(-1),
+            "per_token": per_token,
+            "image_positions": ctx.img,
+            "text_positions": ctx.txt,
+            "nearest_ids": None if pieces[0][1] is None else torch.stack([p[1] for p in pieces]),
+        }
+
+    def result(self, rows: list[dict[str, Any]]) -> SimilarityResult:
+        return SimilarityResult(
+            per_layer=stack_rows([r["per_layer"] for r in rows]),
+            per_token=stack_rows([r["per_token"] for r in rows]),
+            image_positions=stack_rows([r["image_positions"] for r in rows]),
+            text_positions=stack_optional([r["text_positions"] for r in rows]),
+            nearest_ids=stack_optional([r["nearest_ids"] for r in rows]),
+            against=self.against,
+        )
+
+
 def modality_similarity(
-    model: Any,
+    model: "HookedVLM",
     cache: Any,
     against: Against = "text_states",
     text: PositionSpec = "instruction",
@@ -138,55 +208,22 @@ def modality_similarity(
             ignored for ``"vocab"``. Default: the instruction segment.
     """
     check_against(against)
-    names = resid_hooks(model.n_layers)
-    needed = required_hooks(model, against)
-    missing = [n for n in needed if n not in cache]
-    if missing:
-        raise AnalysisInputError(
-            f"modality_similarity(against={against!r}) needs hooks this cache does not hold: {missing[:4]}"
-            f"{' ...' if len(missing) > 4 else ''}. Cache them with model.run_with_cache(inputs, "
-            f"names_filter=vlens.analysis.similarity.required_hooks(model, against={against!r}))"
-        )
-    layout = cache.layout
-    vocab = vocab_unit(model) if against == "vocab" else None
-    out: dict[str, list] = {key: [] for key in ("layer", "token", "img", "txt", "near")}
-    with torch.no_grad():
-        for row in range(layout.batch_size):
-            img = image_positions(layout, row)
-            states = torch.stack([cache[n][row].float() for n in names])  # [layer, pos, d]
-            v = states[:, img.to(states.device)]
-            if against == "vocab":
-                flat_best, flat_arg = max_cosine_to_vocab(v.flatten(0, 1), vocab.to(v.device))
-                per_token = flat_best.view(v.shape[:2]).cpu()
-                out["near"].append(flat_arg.view(v.shape[:2]).cpu())
-                out["txt"].append(None)
-            else:
-                txt = row_positions(layout, text, row, what="text")
-                check_nonempty(txt, "text", text, row)
-                if against == "text_states":
-                    t = states[:, txt.to(states.device)]
-                    cos = unit(v) @ unit(t).transpose(1, 2)  # [layer, img, txt]
-                else:
-                    ids = _text_ids(model, cache, row, txt)
-                    emb = unit(model.W_E.detach()[ids.to(model.W_E.device)].float()).to(v.device)
-                    cos = unit(v) @ emb.T
-                per_token = cos.mean(-1).cpu()
-                out["txt"].append(txt)
-                out["near"].append(None)
-            out["token"].append(per_token)
-            out["layer"].append(per_token.mean(-1))
-            out["img"].append(img)
-    return SimilarityResult(
-        per_layer=stack_rows(out["layer"]),
-        per_token=stack_rows(out["token"]),
-        image_positions=stack_rows(out["img"]),
-        text_positions=stack_optional(out["txt"]),
-        nearest_ids=stack_optional(out["near"]),
-        against=against,
-    )
+    check_cached(cache, required_hooks(model, against), f"modality_similarity(against={against!r})",
+                 f"similarity", hint=f"required_hooks(model, against={against!r})")
+    return SimilarityReduction(model, against, text).on_cache(cache)
 
 
-def _text_ids(model: Any, cache: Any, row: int, txt: Tensor) -> Tensor:
-    """Token ids at text positions (the input of the token embedding, ``embed.hook_in``)."""
-    ids = cache["embed.hook_in"]
-    return ids[row, txt.to(ids.device)].long()
+class SimilarityStream(Stream[SimilarityResult]):
+    """Streaming :func:`modality_similarity`: the same per-example values (``last_batch``)
+    from hooks, and the per-layer curve's mean and std over examples (:meth:`result`)."""
+
+    def __init__(self, model: "HookedVLM", against: Against = "text_states", text: PositionSpec = "instruction") -> None:
+        super().__init__(model, SimilarityReduction(model, against, text))
+        self.against = against
+
+    def summarise(self, row: dict[str, Any]) -> dict[str, Optional[Tensor]]:
+        return {"per_layer": row["per_layer"]}
+
+    def result(self) -> CurveStats:
+        mean, std, n = self.mean_std("per_layer")
+        return CurveStats(per_layer=mean, std=std, n_examples=n, name=f"similarity:{self.against}")

@@ -9,14 +9,14 @@ moving one position earlier (see :mod:`vlens.analysis.knockout`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Literal, Optional, Sequence, Union
 
 import pandas as pd
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from vlens.analysis._common import long_frame, stack_rows, typechecked
+from vlens.analysis._common import BatchedResult, long_frame, stack_rows, typechecked
 from vlens.analysis.knockout import (
     ENGINES,
     Engine,
@@ -28,14 +28,22 @@ from vlens.analysis.knockout import (
 )
 from vlens.errors import AnalysisInputError
 
+if TYPE_CHECKING:
+    from vlens.model import HookedVLM
+
 Order = Union[Literal["raster", "random"], Sequence[int], Tensor]
-HOOKS: tuple[str, ...] = ()
-"""These analyses run the model themselves and read no cache."""
+Estimator = Literal["drop", "gradient"]
+ESTIMATORS = ("drop", "gradient")
+
+
+def required_hooks(model: "HookedVLM") -> list[str]:
+    """Hooks these analyses read from a cache: none (they run the model themselves)."""
+    return []
 
 
 @typechecked
-@dataclass(frozen=True, eq=False)
-class CountCurveResult:
+@dataclass(frozen=True, eq=False, repr=False)
+class CountCurveResult(BatchedResult):
     """Answer loss as a function of how many visual tokens the model is given.
 
     ``loss[i]`` is the answer loss when only the first ``counts[i]`` image tokens of
@@ -43,12 +51,13 @@ class CountCurveResult:
     positions shift down, as if the model had been given only those tokens). Image
     tokens are all of a row's image positions (every image, separators included).
 
-    Batched inputs add a leading ``batch`` axis to ``loss``, ``full_loss``, ``order``;
-    ``counts`` is shared, and ``loss`` is NaN where a count exceeds a row's image tokens.
+    ``loss``, ``full_loss`` and ``order`` have a leading ``batch`` axis, whatever the batch
+    size; ``counts`` is shared, and ``loss`` is NaN where a count exceeds a row's image
+    tokens. ``row(b)`` gives one example's values.
 
     Attributes:
         counts: How many image tokens are kept, ``[n]``.
-        loss: Mean cross-entropy over the answer tokens, ``[n]``.
+        loss: Mean cross-entropy over the answer tokens, ``[batch, n]``.
         full_loss: The loss with every image token kept.
         order: Image-token sequence positions in the order they are kept.
         engine: The engine that ran: ``"kv"`` (prefix reuse) or ``"naive"`` (one forward
@@ -56,66 +65,61 @@ class CountCurveResult:
         engine_reason: Why ``"kv"`` did not run when it was asked for (empty otherwise).
     """
 
+    ragged = {"img": "order"}
+
     counts: Int[Tensor, "n"]
-    loss: Float[Tensor, "*batch n"]
-    full_loss: Float[Tensor, "*batch"]
-    order: Int[Tensor, "*batch img"]
-    engine: str
+    loss: Float[Tensor, "batch n"]
+    full_loss: Float[Tensor, "batch"]
+    order: Int[Tensor, "batch img"]
+    engine: Engine
     engine_reason: str = ""
 
-    @property
-    def batched(self) -> bool:
-        return self.loss.ndim == 2
-
     def to_frame(self) -> pd.DataFrame:
-        """Long format: count, loss."""
-        return long_frame({"loss": self.loss}, dims=("count",), coords={"count": self.counts}, batched=self.batched)
+        """Long format: batch, count, loss."""
+        return long_frame({"loss": self.loss}, dims=("count",), coords={"count": self.counts})
 
 
 @typechecked
-@dataclass(frozen=True, eq=False)
-class ContributionResult:
+@dataclass(frozen=True, eq=False, repr=False)
+class ContributionResult(BatchedResult):
     """How much each visual token matters to the answer.
 
-    ``method="drop"``: ``delta_loss[i]`` is the answer loss with image token i alone
+    ``estimator="drop"``: ``delta_loss[i]`` is the answer loss with image token i alone
     removed from the sequence, minus the loss with every token (positive: the answer
     needed it).
 
-    ``method="gradient"``: the first-order (Taylor) estimate of that change for zeroing
+    ``estimator="gradient"``: the first-order (Taylor) estimate of that change for zeroing
     the token's input embedding instead of removing it:
     ``delta_loss[i] = grad_e L · (0 - e_i)`` with ``e_i`` the merged input embedding at
     the token's position and ``grad_e L`` the gradient of the answer loss there, from
     one forward and one backward pass.
 
-    Batched inputs add a leading ``batch`` axis (ragged image axes padded with NaN / -1).
+    Every field but the names has a leading ``batch`` axis (ragged image axes padded at the
+    end with NaN / -1); ``row(b)`` gives one example's values.
 
     Attributes:
-        delta_loss: ``[img]``.
+        delta_loss: ``[batch, img]``.
         image_positions: Sequence position of each ``img`` entry.
-        full_loss: The answer loss with every token.
-        method: ``"drop"`` or ``"gradient"``.
+        full_loss: The answer loss with every token, ``[batch]``.
+        estimator: ``"drop"`` or ``"gradient"``.
         engine: For ``"drop"``, the engine that ran (``"kv"`` or ``"naive"``); None for
             ``"gradient"``, which removes nothing.
         engine_reason: Why ``"kv"`` did not run when it was asked for (empty otherwise).
     """
 
-    delta_loss: Float[Tensor, "*batch img"]
-    image_positions: Int[Tensor, "*batch img"]
-    full_loss: Float[Tensor, "*batch"]
-    method: str
-    engine: Optional[str] = None
+    ragged = {"img": "image_positions"}
+
+    delta_loss: Float[Tensor, "batch img"]
+    image_positions: Int[Tensor, "batch img"]
+    full_loss: Float[Tensor, "batch"]
+    estimator: Estimator
+    engine: Optional[Engine] = None
     engine_reason: str = ""
 
-    @property
-    def batched(self) -> bool:
-        return self.delta_loss.ndim == 2
-
     def to_frame(self) -> pd.DataFrame:
-        """Long format: pos (sequence position), delta_loss; ``method`` names the estimate."""
-        frame = long_frame(
-            {"delta_loss": self.delta_loss}, dims=("pos",), coords={"pos": self.image_positions}, batched=self.batched
-        )
-        frame["method"] = self.method
+        """Long format: batch, pos (sequence position), delta_loss; ``estimator`` names the estimate."""
+        frame = long_frame({"delta_loss": self.delta_loss}, dims=("pos",), coords={"pos": self.image_positions})
+        frame["estimator"] = self.estimator
         return frame
 
 
@@ -152,11 +156,11 @@ def _counts(counts: Optional[Sequence[int]], n_max: int) -> Tensor:
 
 
 def token_count_curve(
-    model: Any,
+    model: "HookedVLM",
     inputs: Any,
     counts: Optional[Sequence[int]] = None,
     order: Order = "raster",
-    method: Engine = "kv",
+    engine: Engine = "kv",
     seed: int = 0,
     batch_size: int = 32,
 ) -> CountCurveResult:
@@ -169,17 +173,18 @@ def token_count_curve(
         order: ``"raster"`` (sequence order), ``"random"`` (seeded by ``seed`` plus the
             row index) or a permutation of ``0..n-1`` (indices into the row's image
             tokens in sequence order), shared by every row.
-        method: ``"kv"`` computes the full sequence's key/value cache once and runs
+        engine: ``"kv"`` computes the full sequence's key/value cache once and runs
             only each count's suffix, batched (with the raster order the suffix is the
             text after the image); ``"naive"`` runs one full forward per count. Both give
             the same losses. Families whose attention is not causal within images fall
-            back to ``"naive"`` (``engine`` in the result says which ran).
+            back to ``"naive"`` (``engine`` and ``engine_reason`` in the result say which
+            ran and why).
         seed: Seed of the random order.
         batch_size: At most how many counts run together with ``"kv"`` (a batch also
             stays within ``knockout.MAX_TOKENS`` padded suffix tokens).
     """
-    if method not in ENGINES:
-        raise AnalysisInputError(f"unknown method {method!r}; choose one of {list(ENGINES)}")
+    if engine not in ENGINES:
+        raise AnalysisInputError(f"unknown engine {engine!r}; choose one of {list(ENGINES)}")
     problems = row_problems(model, inputs, "token_count_curve")
     n_max = max(p.image.numel() for p in problems)
     ks = _counts(counts, n_max)
@@ -196,7 +201,7 @@ def token_count_curve(
         row_loss = torch.full((len(ks),), float("nan"))
         everything = torch.ones(1, problem.ids.shape[0], dtype=torch.bool)
         found, run = variant_losses(
-            model, problem, torch.cat([keeps[valid], everything]), engine=method, batch_size=batch_size
+            model, problem, torch.cat([keeps[valid], everything]), engine=engine, batch_size=batch_size
         )
         row_loss[valid] = found[:-1]
         losses.append(row_loss)
@@ -215,9 +220,9 @@ def token_count_curve(
 
 
 def token_contributions(
-    model: Any,
+    model: "HookedVLM",
     inputs: Any,
-    method: Literal["drop", "ablate", "gradient"] = "drop",
+    estimator: Estimator = "drop",
     engine: Engine = "kv",
     batch_size: int = 32,
 ) -> ContributionResult:
@@ -226,22 +231,22 @@ def token_contributions(
     Args:
         model: A ``HookedVLM``.
         inputs: From ``model.prepare(image, prompt, answer=...)``; every row needs an answer.
-        method: ``"drop"`` (``"ablate"`` is the same) removes each token in turn;
-            ``"gradient"`` is the one-backward first-order estimate.
+        estimator: ``"drop"`` removes each token in turn; ``"gradient"`` is the
+            one-backward first-order estimate.
         engine: For ``"drop"``: ``"kv"`` shares the prefix before each dropped token
             (one full forward, then each token's suffix, batched); ``"naive"`` runs one
             full forward per token. Same losses.
         batch_size: At most how many dropped tokens run together with ``"kv"`` (a batch
             also stays within ``knockout.MAX_TOKENS`` padded suffix tokens).
     """
-    if method not in ("drop", "ablate", "gradient"):
-        raise AnalysisInputError(f"unknown method {method!r}; choose 'drop' (alias 'ablate') or 'gradient'")
+    if estimator not in ESTIMATORS:
+        raise AnalysisInputError(f"unknown estimator {estimator!r}; choose one of {list(ESTIMATORS)}")
     if engine not in ENGINES:
         raise AnalysisInputError(f"unknown engine {engine!r}; choose one of {list(ENGINES)}")
     problems = row_problems(model, inputs, "token_contributions")
     deltas, fulls, positions, runs = [], [], [], []
     for problem in problems:
-        if method == "gradient":
+        if estimator == "gradient":
             delta, full = _gradient(model, problem)
         else:
             n = problem.image.numel()
@@ -259,7 +264,7 @@ def token_contributions(
         delta_loss=stack_rows(deltas),
         image_positions=stack_rows(positions),
         full_loss=stack_rows(fulls),
-        method="gradient" if method == "gradient" else "drop",
+        estimator=estimator,
         engine=None if run is None else run.engine,
         engine_reason="" if run is None else run.reason,
     )
