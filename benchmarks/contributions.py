@@ -3,7 +3,7 @@ cost of the gradient estimate in forwards.
 
 On the medium random LLaVA at 336 px (576 image tokens), side by side in one process:
 
-* ``method="drop"`` over all 576 image tokens (prefix before each dropped token
+* ``estimator="drop"`` over all 576 image tokens (prefix before each dropped token
   shared, suffixes batched);
 * the same losses with one full language-model forward per dropped token
   (``engine="naive"``). Every such forward has the same length, so by default it runs
@@ -12,7 +12,7 @@ On the medium random LLaVA at 336 px (576 image tokens), side by side in one pro
 * the plain Hugging Face baseline on the same tokens: a second, untouched copy of the
   checkpoint, one ``model(inputs_embeds=...)`` forward per dropped token with the logits
   of every position, as a hand-written loop gets them;
-* ``method="gradient"`` against one plain forward of the whole model (vision included).
+* ``estimator="gradient"`` against one plain forward of the whole model (vision included).
 
 Usage: python -m benchmarks.contributions [--threads 2] [--naive-tokens 96] [--model-dir DIR]
 """
@@ -53,7 +53,7 @@ def main() -> None:
         forward = statistics.median(forwards)
 
         start, cpu = time.perf_counter(), time.process_time()
-        drop = va.token_contributions(model, inputs, method="drop", batch_size=args.batch_size)
+        drop = va.token_contributions(model, inputs, estimator="drop", batch_size=args.batch_size)
         t_drop, c_drop = time.perf_counter() - start, time.process_time() - cpu
 
         (problem,) = row_problems(model, inputs, "benchmark")
@@ -78,7 +78,7 @@ def main() -> None:
     grads = []
     for _ in range(3):
         start = time.perf_counter()
-        grad = va.token_contributions(model, inputs, method="gradient")
+        grad = va.token_contributions(model, inputs, estimator="gradient")
         grads.append(time.perf_counter() - start)
     t_grad = statistics.median(grads)
 

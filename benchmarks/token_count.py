@@ -2,8 +2,8 @@
 
 On the medium random LLaVA at 336 px (576 image tokens after a LLaVA-1.5-style system
 prompt, ~40 question and answer tokens after them), times
-``token_count_curve(counts=0..576 step 8, order="raster")`` with ``method="kv"`` and
-``method="naive"`` (one full language-model forward per count; both compute only the
+``token_count_curve(counts=0..576 step 8, order="raster")`` with ``engine="kv"`` and
+``engine="naive"`` (one full language-model forward per count; both compute only the
 logits the loss reads) and the plain Hugging Face baseline (a second, untouched copy of
 the checkpoint, one ``model(inputs_embeds=...)`` forward per count with the logits of
 every position, as a hand-written loop gets them) side by side in one process, after a
@@ -102,12 +102,12 @@ def main() -> None:
                                 for k in counts])
             result = SimpleNamespace(loss=loss)
         else:
-            result = va.token_count_curve(model, inputs, counts=counts, method=method, batch_size=args.batch_size)
+            result = va.token_count_curve(model, inputs, counts=counts, engine=method, batch_size=args.batch_size)
         return time.perf_counter() - start, time.process_time() - cpu, result
 
     with torch.inference_mode():
-        va.token_count_curve(model, inputs, counts=[0, n_img // 2, n_img], method="kv")  # warm-up
-        va.token_count_curve(model, inputs, counts=[0, n_img // 2, n_img], method="naive")
+        va.token_count_curve(model, inputs, counts=[0, n_img // 2, n_img], engine="kv")  # warm-up
+        va.token_count_curve(model, inputs, counts=[0, n_img // 2, n_img], engine="naive")
         plain_hf_answer_loss(baseline, problem.embeds, keep_first(n_img // 2), problem.answer, targets)
         methods = ("kv", "naive", "hf_loop")
         times: dict[str, list[float]] = {m: [] for m in methods}
@@ -124,7 +124,7 @@ def main() -> None:
     diff_hf = float((results["kv"].loss - results["hf_loop"].loss.to(results["kv"].loss.dtype)).abs().max())
     # A kv run that fell back to the naive engine would time the wrong thing: say which ran.
     ran = results["kv"]
-    print(f"engine that ran for method='kv': {ran.engine}" + (f" ({ran.engine_reason})" if ran.engine_reason else ""))
+    print(f"engine that ran for engine='kv': {ran.engine}" + (f" ({ran.engine_reason})" if ran.engine_reason else ""))
     if ran.engine != "kv":
         raise SystemExit("the kv engine did not run; its timing is not a measurement of it")
     print(f"kv       best {kv:7.2f} s")

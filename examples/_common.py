@@ -156,11 +156,6 @@ def batched(items: Sequence[T], size: int) -> Iterator[list[T]]:
         yield list(items[start : start + size])
 
 
-def rows_of(t: torch.Tensor, batched_result: bool) -> torch.Tensor:
-    """A result field with its batch axis (analyses drop it for a batch of one)."""
-    return t if batched_result else t.unsqueeze(0)
-
-
 # ---- statistics -------------------------------------------------------------------------
 
 

@@ -105,8 +105,8 @@ class AttentionFinding:
 
 def _per_token(result: Any, row: int, span: Any) -> np.ndarray:
     """``received`` of one row laid out in the span's token order, ``[block, n_tokens]``."""
-    recv = common.rows_of(result.received, result.batched)[row]
-    positions = common.rows_of(result.image_positions, result.batched)[row].tolist()
+    recv = result.received[row]
+    positions = result.image_positions[row].tolist()
     where = {int(p): j for j, p in enumerate(positions)}
     return recv[:, [where[int(p)] for p in span.positions]].numpy()
 
@@ -130,10 +130,10 @@ def measure(model: Any, scenes: Sequence[Scene], batch_size: int = 16) -> Attent
             owner = common.token_objects(scene, span)
             recv = _per_token(instr, row, span)  # [block, tok]
             flags = _per_token(SimpleNamespace(
-                received=sinks.is_sink.float(), image_positions=sinks.image_positions, batched=instr.batched), row, span) > 0
+                received=sinks.is_sink.float(), image_positions=sinks.image_positions), row, span) > 0
             target = common.target_object(scene, qa)
-            fields["mi"].append(common.rows_of(instr.mass, instr.batched)[row].numpy())
-            fields["ma"].append(common.rows_of(answer.mass, answer.batched)[row].numpy())
+            fields["mi"].append(instr.mass[row].numpy())
+            fields["ma"].append(answer.mass[row].numpy())
             fields["obj"].append(common.masked_mean(recv, owner >= 0))
             fields["bg"].append(common.masked_mean(recv, owner < 0))
             fields["tgt"].append(common.masked_mean(recv, owner == target))
@@ -143,7 +143,7 @@ def measure(model: Any, scenes: Sequence[Scene], batch_size: int = 16) -> Attent
             on_bg = (flags & (owner < 0)).sum(1)
             fields["sbg"].append(np.where(n_sinks > 0, on_bg / np.maximum(n_sinks, 1), np.nan))
             fields["bgs"].append(float((owner < 0).mean()))
-            queries = common.rows_of(instr.query_positions, instr.batched)[row]
+            queries = instr.query_positions[row]
             queries = queries[queries >= 0].double()
             image = inputs.layout.image_positions(row)
             seen = (image[None, :] <= queries[:, None]).sum(1).double()

@@ -128,8 +128,8 @@ def measure(
         with torch.no_grad():
             _, cache = model.run_with_cache(inputs, names_filter=va.lens.required_hooks(model))
         lens = va.logit_lens(model, cache, positions="image", k=k)
-        top_ids = common.rows_of(lens.top_ids, lens.batched)
-        positions = common.rows_of(lens.positions, lens.batched)
+        top_ids = lens.top_ids
+        positions = lens.positions
         for row, scene in enumerate(chunk):
             span = inputs.layout.images[row][0]
             where = {int(p): j for j, p in enumerate(positions[row].tolist())}

@@ -5,7 +5,7 @@ removing one that shows background, both when measured (drop the token from the 
 when estimated to first order from one backward pass (gradient x (0 - embedding)).
 
 Method: held-out synthetic scenes (vlens.data), each with its colour question and one-word
-answer; `vlens.analysis.token_contributions` with method="drop" and method="gradient": per
+answer; `vlens.analysis.token_contributions` with estimator="drop" and estimator="gradient": per
 visual token, the answer loss without it minus the full loss (drop), or its first-order estimate
 for zeroing the token's input embedding (gradient). Ground truth says which tokens are object
 patches (and which object the question asks about). Tests (pre-declared), per scene, for each
@@ -108,8 +108,8 @@ class ContributionFinding:
 
 
 def _span_order(result: Any, row: int, span: Any) -> np.ndarray:
-    values = common.rows_of(result.delta_loss, result.batched)[row]
-    positions = common.rows_of(result.image_positions, result.batched)[row].tolist()
+    values = result.delta_loss[row]
+    positions = result.image_positions[row].tolist()
     where = {int(p): j for j, p in enumerate(positions)}
     return values[[where[int(p)] for p in span.positions]].numpy()
 
@@ -123,7 +123,7 @@ def measure(model: Any, scenes: Sequence[Scene], batch_size: int = 16) -> Contri
     for chunk in common.batched(scenes, batch_size):
         qas = [common.colour_question(s) for s in chunk]
         inputs = model.prepare([s.image for s in chunk], [qa.question for qa in qas], answer=[qa.answer for qa in qas])
-        results = {m: va.token_contributions(model, inputs, method=m) for m in METHODS}
+        results = {m: va.token_contributions(model, inputs, estimator=m) for m in METHODS}
         for row, (scene, qa) in enumerate(zip(chunk, qas)):
             span = inputs.layout.images[row][0]
             owner = common.token_objects(scene, span)
@@ -131,7 +131,7 @@ def measure(model: Any, scenes: Sequence[Scene], batch_size: int = 16) -> Contri
             kinds.append(np.where(owner < 0, 2, np.where(owner == target, 0, 1)))
             for m in METHODS:
                 values[m].append(_span_order(results[m], row, span))
-            full.append(float(common.rows_of(results["drop"].full_loss, results["drop"].batched)[row]))
+            full.append(float(results["drop"].full_loss[row]))
     partial = ContributionFinding(
         drop=np.stack(values["drop"]), gradient=np.stack(values["gradient"]), kind=np.stack(kinds),
         full_loss=np.array(full), tests={},

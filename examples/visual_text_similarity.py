@@ -108,7 +108,7 @@ def measure(model: Any, scenes: Sequence[Scene], batch_size: int = 16) -> Simila
         with torch.no_grad():
             _, cache = model.run_with_cache(inputs, names_filter=va.similarity.required_hooks(model))
         sim = va.modality_similarity(model, cache, against="text_states", text=TEXT)
-        vt.append(common.rows_of(sim.per_layer, sim.batched).numpy())
+        vt.append(sim.per_layer.numpy())
         for row in range(len(chunk)):
             text_pos = inputs.layout.mask(TEXT)[row].nonzero().flatten()
             if text_pos.numel() < 2:

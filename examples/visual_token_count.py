@@ -94,7 +94,7 @@ def measure(model: Any, scenes: Sequence[Scene], fractions: Sequence[float] = FR
         # seed + start: every scene gets its own random order (the analysis adds the row index)
         for order, out, s in (("raster", raster, 0), ("random", random, seed + start)):
             curve = va.token_count_curve(model, inputs, counts=counts, order=order, seed=s)
-            out.append(common.rows_of(curve.loss, curve.batched).numpy())
+            out.append(curve.loss.numpy())
     raster_a, random_a = np.concatenate(raster), np.concatenate(random)
     middle = slice(1, len(counts) - 1)
     return CountFinding(

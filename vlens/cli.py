@@ -118,9 +118,8 @@ class _Setup:
         return CAPTION_QUESTION if self.model.name == DEFAULT_MODEL else GENERIC_PROMPT
 
     def cache(self) -> Any:
-        from vlens.viz.report import REPORT_HOOKS
-
-        _logits, cache = self.model.run_with_cache(self.inputs, names_filter=list(REPORT_HOOKS), device="cpu")
+        names = ["blocks.0.hook_resid_pre", "blocks.*.hook_resid_post", "blocks.*.attn.hook_pattern"]
+        _logits, cache = self.model.run_with_cache(self.inputs, names_filter=names, device="cpu")
         return cache
 
     def lens_labels(self) -> Optional[list]:
@@ -135,6 +134,13 @@ class _Setup:
         for (r, c), ok in zip(span.row_col.tolist(), span.on_grid.tolist()):
             idx = int(labels[r, c]) if ok else -1
             out.append(self.scene.objects[idx].colour if idx >= 0 else None)
+        # A colour word the vocabulary lacks cannot be a label: say so, and leave those tokens unlabelled.
+        from vlens.analysis.lens import label_id
+
+        unknown = sorted({w for w in out if w is not None and label_id(self.model.tokenizer, w) < 0})
+        if unknown:
+            _say(f"lens labels: {unknown} are not in the model's vocabulary; their tokens are unlabelled")
+            out = [None if w in unknown else w for w in out]
         return out if any(w is not None for w in out) else None
 
 
@@ -363,7 +369,7 @@ def lens(setup: _Setup, layers: Optional[list[int]], k: int, figure: Optional[st
         row = {"layer": layer, "top-1 words (count)": ", ".join(f"{w} ({n})" for w, n in counts.items()),
                "mean top-1 prob": float(pd.Series(probs[i].ravel()).mean())}
         if result.match_rate is not None:
-            row["match rate"] = float(result.match_rate[i])
+            row["match rate"] = float(result.match_rate[0, i])
         rows.append(row)
     _print_table(pd.DataFrame(rows))
     _save_figure(lens_panel(result, setup.inputs.layout, setup.model.tokenizer) if figure else None, figure)
@@ -427,7 +433,7 @@ def attention(setup: _Setup, query: str, layers: Optional[list[int]], heads: Opt
 
     cache = setup.cache()
     result = _analysis("attention_to_image")(cache, query=query)
-    mass = result.mass.float()
+    mass = result.mass[0].float()
     frame = pd.DataFrame({"block": range(mass.shape[0]), "mean mass": mass.mean(1).tolist(),
                           "max mass": mass.max(1).values.tolist(), "top head": mass.argmax(1).tolist()})
     _print_table(frame)
@@ -488,11 +494,11 @@ def contributions(setup: _Setup, method: str, top: int, figure: Optional[str], d
 
     from vlens.viz.heatmap import image_heatmap, model_view_image
 
-    result = _analysis("token_contributions")(setup.model, setup.inputs, method=method)
-    delta = torch.as_tensor(result.delta_loss).float()
+    result = _analysis("token_contributions")(setup.model, setup.inputs, estimator=method)
+    delta = result.row(0).delta_loss.float()
     span = setup.inputs.layout.images[0][0]
     tokens = setup.model.to_str_tokens(setup.inputs)
-    positions = getattr(result, "image_positions", span.positions)
+    positions = result.row(0).image_positions
     frame = pd.DataFrame({"pos": positions.tolist(), "token": [tokens[p] for p in positions.tolist()], "delta loss": delta.tolist()})
     _print_table(frame.reindex(frame["delta loss"].abs().sort_values(ascending=False).index).head(top))
     if figure:

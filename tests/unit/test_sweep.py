@@ -113,16 +113,17 @@ def test_streaming_equals_cache_form(llava_model, swept, scenes, tmp_path):
 
 
 def test_values_match_vlens_analysis(llava_model, swept, scenes):
-    va = pytest.importorskip("vlens.analysis", reason="vlens.analysis is written in parallel")
+    from vlens import analysis as va
+
     rows = sweep.load_results(swept[0])
     ex = scenes[1]
     inputs = llava_model.prepare(ex.load_image(), ex.prompt, answer=ex.answer)
     _, cache = llava_model.run_with_cache(inputs)
-    sim = va.modality_similarity(llava_model, cache, against="text_states", text="instruction")
+    sim = va.modality_similarity(llava_model, cache, against="text_states", text="instruction").row(0)
     np.testing.assert_allclose(rows["modality_similarity.per_layer"][1], sim.per_layer.numpy(), atol=1e-5)
-    att = va.attention_to_image(cache, query="instruction")
+    att = va.attention_to_image(cache, query="instruction").row(0)
     np.testing.assert_allclose(rows["attention_to_image.mass"][1], att.mass.mean(-1).numpy(), atol=1e-5)
-    lens = va.logit_lens(llava_model, cache, positions="image", k=5)
+    lens = va.logit_lens(llava_model, cache, positions="image", k=5).row(0)
     top1 = lens.top_ids[..., 0]
     np.testing.assert_allclose(rows["logit_lens.final_agreement"][1], (top1 == top1[-1]).float().mean(-1).numpy())
 
@@ -223,21 +224,29 @@ def test_click_command_passes_arguments_through(swept):
 
 
 def test_lens_labels_image_tokens_from_boxes(llava_model):
-    from vlens.sweep.analyses import Batch, LogitLens
+    from vlens.analysis.lens import label_id
+    from vlens.sweep.analyses import Batch, LogitLens, box_labels
 
     img = PIL_image(28, 28)
     ex = Example("e", img, "what is in the image ?", objects=("cat", "dog", "zebra"),
                  boxes=((0, 0, 14, 28), (0, 0, 28, 28), (14, 14, 14, 14)))
     inputs = llava_model.prepare(img, ex.prompt)
-    lens = LogitLens(k=2)
-    lens.start(llava_model, Batch(inputs, [ex], [img]))
     tok = llava_model.tokenizer
+    labels = box_labels(llava_model, Batch(inputs, [ex], [img]), 0, lambda word: label_id(tok, word))
     cat, dog = tok.convert_tokens_to_ids("cat"), tok.convert_tokens_to_ids("dog")
     span = inputs.layout.images[0][0]
     # The smallest box holding a patch's centre names it; 'zebra' is <unk>, so its patches get no label.
     want = [-1 if (r >= 2 and c >= 2) else cat if c < 2 else dog for r, c in span.row_col.tolist()]
-    assert lens.labels[0].tolist() == want
-    assert lens.objects[0].tolist() == sorted([cat, dog])
+    assert labels.tolist() == want
+    assert [label_id(tok, w) for w in ex.objects] == [cat, dog, -1]
+    # The sweep's match column is LensResult.match with those labels.
+    lens = LogitLens(k=2)
+    batch = Batch(inputs, [ex], [img])
+    with llava_model.hooks(lens.hooks(llava_model, batch)):
+        llava_model(inputs)
+    (row,) = lens.rows(llava_model, batch)
+    expected = lens.stream_for(llava_model).last_batch.match(labels[None])[0]
+    assert row["logit_lens.match"] == expected.tolist()
 
 
 def test_model_by_path_with_device_map(llava_dir, scenes, tmp_path):

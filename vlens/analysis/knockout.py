@@ -91,9 +91,40 @@ def row_problems(model: Any, inputs: Any, analysis: str) -> list[RowProblem]:
     return problems
 
 
-def answer_loss(logits: Float[Tensor, "n vocab"], targets: Int[Tensor, "n"]) -> Float[Tensor, ""]:
-    """Mean cross-entropy (natural log) of the targets, in float32."""
-    return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="mean")
+def answer_loss(
+    logits: Float[Tensor, "*rows m vocab"],
+    targets: Int[Tensor, "*rows n"],
+    at: Optional[Int[Tensor, "*rows n"]] = None,
+) -> Float[Tensor, "*rows"]:
+    """The answer loss: mean cross-entropy (natural log, float32) of the targets.
+
+    The one definition every analysis, the sweep and the report use. Target i is predicted
+    by ``logits[..., at[..., i], :]`` (default: by row i), read as logsumexp minus the
+    target's logit, so no ``[..., n, vocab]`` copy of the logits is made.
+    """
+    logits = logits.float()
+    m, vocab = logits.shape[-2], logits.shape[-1]
+    if at is None:
+        at = torch.arange(targets.shape[-1], device=logits.device).expand_as(targets)
+    if bool((at < 0).any()) or bool((at >= m).any()):
+        raise AnalysisInputError(f"answer positions {at.tolist()} fall outside the {m} logit rows")
+    lse = logits.logsumexp(-1).gather(-1, at)
+    target_logit = logits.flatten(-2).gather(-1, at * vocab + targets.to(at.device))
+    return (lse - target_logit).mean(-1)
+
+
+def answer_losses(logits: Float[Tensor, "batch pos vocab"], inputs: Any) -> list[float]:
+    """Per row of a batch, the answer loss from its full-sequence logits (NaN without an answer)."""
+    layout = inputs.layout
+    out = []
+    for row in range(layout.batch_size):
+        pos = layout.answer_mask[row].nonzero().flatten().to(logits.device)
+        if pos.numel() == 0:
+            out.append(float("nan"))
+            continue
+        targets = inputs.input_ids[row, pos.cpu()].to(logits.device)
+        out.append(float(answer_loss(logits[row], targets, at=pos - 1)))
+    return out
 
 
 MAX_TOKENS = 2048
@@ -384,13 +415,8 @@ def _suffix_losses(
     )
     if past is not None:
         buffers.restore(c_max, c_max + s_max)
-    # Cross-entropy as logsumexp minus the target's logit, read where each row predicts
-    # each target: no copy of the [batch, answer, vocab] logits is made.
-    logits = logits.float()
-    rows = torch.arange(batch, device=device)[:, None]
-    where = inverse.view(batch, -1)
-    ce = logits.logsumexp(-1)[rows, where] - logits[rows, where, targets[None, :]]
-    return ce.mean(1)
+    # Each row predicts each target at its own index into the kept logits.
+    return answer_loss(logits, targets[None, :].expand(batch, -1), at=inverse.view(batch, -1))
 
 
 def kept_extras(problem: RowProblem, keep: Tensor | None) -> dict[str, Tensor] | None:

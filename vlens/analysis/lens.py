@@ -355,7 +355,8 @@ class LensStream(Stream[LensResult]):
         positions: Which positions of each row (default every image token).
         k: Top-k for the match rate.
         labels: Optional ``labels(inputs, row) -> Int[Tensor, "pos"]``, the expected token
-            id at each chosen position of a row (-1: none; at least one labelled).
+            id at each chosen position of a row (-1: none; a row with no label has a NaN
+            match rate, left out of the mean).
     """
 
     def __init__(
@@ -377,15 +378,18 @@ class LensStream(Stream[LensResult]):
 
     def _labels_of(self, layout: "TokenLayout", row: int, n: int) -> Tensor:
         lab = torch.as_tensor(self._labels(self._inputs, row)).long().cpu()
-        if lab.shape != (n,) or not bool((lab >= 0).any()):
+        if lab.shape != (n,):
             raise AnalysisInputError(
-                f"labels(inputs, {row}) must give one id per chosen position ({n}), "
-                f"at least one >= 0; got shape {tuple(lab.shape)}"
+                f"labels(inputs, {row}) must give one id per chosen position ({n}, -1 for none); "
+                f"got shape {tuple(lab.shape)}"
             )
         return lab
 
     def summarise(self, row: dict[str, Any]) -> dict[str, Optional[Tensor]]:
-        return {"top1_logprob": row["top_logprobs"][..., 0].mean(-1), "match_rate": row["match_rate"]}
+        match = row["match_rate"]
+        if match is not None and bool(match.isnan().all()):
+            match = None  # no labelled position in this example
+        return {"top1_logprob": row["top_logprobs"][..., 0].mean(-1), "match_rate": match}
 
     def result(self) -> LensStats:
         top1, _, n = self.mean_std("top1_logprob")

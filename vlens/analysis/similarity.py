@@ -209,7 +209,7 @@ def modality_similarity(
     """
     check_against(against)
     check_cached(cache, required_hooks(model, against), f"modality_similarity(against={against!r})",
-                 f"similarity", hint=f"required_hooks(model, against={against!r})")
+                 "similarity", hint=f"required_hooks(model, against={against!r})")
     return SimilarityReduction(model, against, text).on_cache(cache)
 
 

@@ -1,14 +1,10 @@
-"""The analyses a sweep runs, in forms that reduce each batch to a few numbers per example.
+"""The analyses a sweep runs: thin wrappers over the streams and engines of ``vlens.analysis``.
 
-Each analysis attaches hooks to ``model.hooks()`` and reduces the activation it sees at once
-(streaming), so no layer's full activations outlive its hook. With ``stream=False`` the same
-reductions run on a cache from ``model.run_with_cache`` instead; that form is kept for checking
-and for small models, and is the one the memory estimate can refuse.
-
-These are written on top of ``HookedVLM.hooks`` here rather than imported from
-``vlens.analysis``: they must reduce inside hooks, over a batch, to per-example rows. Their
-definitions follow the analyses of the same name (see each class), and the tests check them
-against ``vlens.analysis`` on the same inputs.
+Each wrapper adds what only a sweep needs: its parameters (recorded in the provenance), a
+memory estimate, and the names of its per-example columns. The numbers themselves come from
+the one implementation in ``vlens.analysis``: the streams' reductions (run inside the hooks
+of the sweep's forward pass, or over a cache with ``stream=False``) and the token-removal
+engine of ``token_count_curve``.
 
 Per-example output columns are named ``"<analysis>.<field>"``; per-layer curves are lists
 with one entry per layer index (``n_layers + 1`` for residual-stream analyses: 0 = input
@@ -17,39 +13,30 @@ embeddings; ``n_layers`` for attention: one per block).
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Optional, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Optional, Sequence
 
 import torch
 from torch import Tensor
 
+from vlens.analysis.attention import AttentionStream
+from vlens.analysis.lens import LensStream, label_id
+from vlens.analysis.similarity import SimilarityStream
+from vlens.analysis.streaming import Stream
+from vlens.analysis.tokens import token_count_curve
 from vlens.errors import AnalysisInputError
 
-EPS = 1e-8
-
-
-def resid_hooks(n_layers: int) -> list[str]:
-    """Residual stream at every layer boundary, in layer-index order."""
-    return ["blocks.0.hook_resid_pre"] + [f"blocks.{l}.hook_resid_post" for l in range(n_layers)]
-
-
-def _unit(x: Tensor) -> Tensor:
-    return x / x.norm(dim=-1, keepdim=True).clamp_min(EPS)
-
-
-def _tensor(t: Any) -> Optional[Tensor]:
-    if isinstance(t, tuple):
-        t = t[0] if t and isinstance(t[0], Tensor) else None
-    return t if isinstance(t, Tensor) else None
+if TYPE_CHECKING:
+    from vlens.inputs import VLMInputs
+    from vlens.model import HookedVLM
 
 
 @dataclass
 class Batch:
     """What analyses see of one batch: the prepared inputs, the examples, the RGB images."""
 
-    inputs: Any
+    inputs: "VLMInputs"
     examples: list
     images: list
     state: dict = field(default_factory=dict)
@@ -62,16 +49,14 @@ class Batch:
     def size(self) -> int:
         return len(self.examples)
 
-    def positions(self, row: int, segment: str) -> Tensor:
-        return self.layout.mask(segment)[row].nonzero().flatten()
-
-    def image_positions(self, row: int) -> Tensor:
-        return self.layout.image_positions(row)
-
 
 class SweepAnalysis:
-    """Base of the sweep analyses. Subclasses set ``name`` and ``layer_axis`` and override
-    ``hook_names``, ``start``, ``reduce``, ``rows`` and ``activation_bytes``."""
+    """Base of the sweep analyses.
+
+    A subclass sets ``name`` and ``layer_axis``, builds its stream (``make_stream``) or
+    overrides ``rows`` for an analysis that runs the model itself, and says how much memory
+    it adds (``activation_bytes``).
+    """
 
     name: ClassVar[str] = ""
     #: "resid" (n_layers + 1 entries), "block" (n_layers), or None (no layer axis)
@@ -81,6 +66,8 @@ class SweepAnalysis:
         if not isinstance(stream, bool):
             raise AnalysisInputError(f"{self.name}: stream must be True or False, got {stream!r}")
         self.stream = stream
+        self._stream: Optional[Stream] = None
+        self._model: Any = None
 
     def params(self) -> dict[str, Any]:
         """Parameters that change results (recorded in the provenance)."""
@@ -89,20 +76,43 @@ class SweepAnalysis:
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "stream": self.stream, "params": self.params()}
 
-    def hook_names(self, model: Any) -> list[str]:
-        return []
+    def make_stream(self, model: "HookedVLM") -> Optional[Stream]:
+        """The ``vlens.analysis`` stream computing this analysis (None: it runs the model itself)."""
+        return None
 
-    def start(self, model: Any, batch: Batch) -> None:
-        """Reset per-batch state before the forward pass."""
+    def stream_for(self, model: "HookedVLM") -> Optional[Stream]:
+        if self._model is not model:
+            self._model, self._stream = model, self.make_stream(model)
+        return self._stream
 
-    def reduce(self, model: Any, batch: Batch, name: str, tensor: Tensor) -> None:
-        """Fold one hook's activation (whole batch) into per-row numbers."""
+    def hook_names(self, model: "HookedVLM") -> list[str]:
+        stream = self.stream_for(model)
+        return [] if stream is None else stream.required_hooks()
 
-    def rows(self, model: Any, batch: Batch) -> list[dict[str, Any]]:
+    def hooks(self, model: "HookedVLM", batch: Batch) -> list:
+        """Hooks to attach to the batch's forward pass (the streaming form)."""
+        stream = self.stream_for(model)
+        return [] if stream is None else stream.hooks(batch.inputs)
+
+    def reduce_cache(self, model: "HookedVLM", batch: Batch, cache: Any) -> None:
+        """The same reductions over a cache of the batch (the ``stream=False`` form)."""
+        stream = self.stream_for(model)
+        if stream is not None:
+            stream.reduce_cache(cache)
+
+    def rows(self, model: "HookedVLM", batch: Batch) -> list[dict[str, Any]]:
         """One dict of columns per batch row, after the forward pass."""
+        stream = self.stream_for(model)
+        if stream is None:
+            return [{} for _ in range(batch.size)]
+        stream.commit()
+        return self.columns(model, batch, stream.last_batch)
+
+    def columns(self, model: "HookedVLM", batch: Batch, result: Any) -> list[dict[str, Any]]:
+        """Per row, the columns of this analysis out of the stream's per-example values."""
         return [{} for _ in range(batch.size)]
 
-    def activation_bytes(self, model: Any, batch: int, seq: int, n_image: int) -> int:
+    def activation_bytes(self, model: "HookedVLM", batch: int, seq: int, n_image: int) -> int:
         """Memory this analysis adds to a forward pass of ``batch`` rows of ``seq`` tokens."""
         return 0
 
@@ -111,20 +121,16 @@ class SweepAnalysis:
         return f"{type(self).__name__}({args}{', ' if args else ''}stream={self.stream})"
 
 
-def _nan_list(n: int) -> list[float]:
-    return [math.nan] * n
+def _floats(t: Tensor) -> list[float]:
+    return [float(x) for x in t.tolist()]
 
 
 # ---- modality similarity ------------------------------------------------------------
 
 
 class ModalitySimilarity(SweepAnalysis):
-    """Per layer, the mean cosine of image-token states to text (``vlens.analysis.modality_similarity``).
-
-    ``per_layer[l] = mean_{i in image, t in text} cos(v_i, h_t)``, computed as the dot
-    product of the mean unit image vector and the mean unit text vector (the same number,
-    reduced inside the hook). ``against="text_states"``: ``h_t`` is the text token's state
-    at the same layer; ``"text_embeddings"``: its input embedding.
+    """Per layer, the mean cosine of image-token states to text: ``SimilarityResult.per_layer``
+    of :func:`vlens.analysis.modality_similarity` (through :class:`~vlens.analysis.SimilarityStream`).
 
     Column: ``modality_similarity.per_layer`` (``n_layers + 1``).
     """
@@ -143,42 +149,18 @@ class ModalitySimilarity(SweepAnalysis):
     def params(self) -> dict[str, Any]:
         return {"against": self.against, "text": self.text}
 
-    def hook_names(self, model: Any) -> list[str]:
-        return resid_hooks(model.n_layers)
+    def make_stream(self, model: "HookedVLM") -> Stream:
+        return SimilarityStream(model, against=self.against, text=self.text)  # type: ignore[arg-type]
 
-    def start(self, model: Any, batch: Batch) -> None:
-        n = model.n_layers + 1
-        self.layer_of = {h: i for i, h in enumerate(resid_hooks(model.n_layers))}
-        self.out = [_nan_list(n) for _ in range(batch.size)]
-        self.img = [batch.image_positions(r) for r in range(batch.size)]
-        self.txt = [batch.positions(r, self.text) for r in range(batch.size)]
-        self.emb_mean = None
-        if self.against == "text_embeddings":
-            w = model.W_E.detach()
-            self.emb_mean = [
-                _unit(w[batch.inputs.input_ids[r, t].to(w.device)].float()).mean(0) if t.numel() else None
-                for r, t in enumerate(self.txt)
-            ]
+    def hook_names(self, model: "HookedVLM") -> list[str]:
+        # The cache form reads the token ids from the cache, as modality_similarity does.
+        extra = ["embed.hook_in"] if self.against == "text_embeddings" and not self.stream else []
+        return super().hook_names(model) + extra
 
-    def reduce(self, model: Any, batch: Batch, name: str, tensor: Tensor) -> None:
-        layer = self.layer_of.get(name)
-        if layer is None:
-            return
-        for r in range(batch.size):
-            img, txt = self.img[r], self.txt[r]
-            if img.numel() == 0 or txt.numel() == 0:
-                continue
-            v = _unit(tensor[r, img.to(tensor.device)].float()).mean(0)
-            if self.emb_mean is not None:
-                t = self.emb_mean[r].to(v.device)
-            else:
-                t = _unit(tensor[r, txt.to(tensor.device)].float()).mean(0)
-            self.out[r][layer] = float(v @ t)
+    def columns(self, model: "HookedVLM", batch: Batch, result: Any) -> list[dict[str, Any]]:
+        return [{f"{self.name}.per_layer": _floats(result.per_layer[r])} for r in range(batch.size)]
 
-    def rows(self, model: Any, batch: Batch) -> list[dict[str, Any]]:
-        return [{f"{self.name}.per_layer": o} for o in self.out]
-
-    def activation_bytes(self, model: Any, batch: int, seq: int, n_image: int) -> int:
+    def activation_bytes(self, model: "HookedVLM", batch: int, seq: int, n_image: int) -> int:
         return 4 * batch * seq * int(model.cfg.d_model) * 2  # float32 copies of one row's states
 
 
@@ -186,12 +168,11 @@ class ModalitySimilarity(SweepAnalysis):
 
 
 class AttentionToImage(SweepAnalysis):
-    """Per block, the share of attention the query tokens put on the image
-    (``vlens.analysis.attention_to_image``'s ``mass``, averaged over heads).
+    """Per block, the share of attention the query tokens put on the image:
+    ``AttentionResult.mass`` of :func:`vlens.analysis.attention_to_image` averaged over heads
+    (``mass``), and its largest head (``max_head``).
 
-    ``mass[l] = mean_h mean_{q in Q} sum_{k in image} A[l, h, q, k]``; ``max_head[l]`` is
-    the largest head's mass. Columns: ``attention_to_image.mass``,
-    ``attention_to_image.max_head`` (``n_layers`` each).
+    Columns: ``attention_to_image.mass``, ``attention_to_image.max_head`` (``n_layers`` each).
     """
 
     name = "attention_to_image"
@@ -206,74 +187,35 @@ class AttentionToImage(SweepAnalysis):
     def params(self) -> dict[str, Any]:
         return {"query": self.query}
 
-    def hook_names(self, model: Any) -> list[str]:
-        return [f"blocks.{l}.attn.hook_pattern" for l in range(model.n_layers)]
+    def make_stream(self, model: "HookedVLM") -> Stream:
+        return AttentionStream(model, query=self.query)
 
-    def start(self, model: Any, batch: Batch) -> None:
-        n = model.n_layers
-        self.layer_of = {h: i for i, h in enumerate(self.hook_names(model))}
-        self.mass = [_nan_list(n) for _ in range(batch.size)]
-        self.max_head = [_nan_list(n) for _ in range(batch.size)]
-        self.img = [batch.image_positions(r) for r in range(batch.size)]
-        self.q = [batch.positions(r, self.query) for r in range(batch.size)]
+    def columns(self, model: "HookedVLM", batch: Batch, result: Any) -> list[dict[str, Any]]:
+        return [
+            {f"{self.name}.mass": _floats(result.mass[r].mean(-1)), f"{self.name}.max_head": _floats(result.mass[r].amax(-1))}
+            for r in range(batch.size)
+        ]
 
-    def reduce(self, model: Any, batch: Batch, name: str, tensor: Tensor) -> None:
-        layer = self.layer_of.get(name)
-        if layer is None:
-            return
-        for r in range(batch.size):
-            img, q = self.img[r], self.q[r]
-            if img.numel() == 0 or q.numel() == 0:
-                continue
-            a = tensor[r][:, q.to(tensor.device)][:, :, img.to(tensor.device)].float()  # [head, q, img]
-            per_head = a.sum(-1).mean(-1)
-            self.mass[r][layer] = float(per_head.mean())
-            self.max_head[r][layer] = float(per_head.max())
-
-    def rows(self, model: Any, batch: Batch) -> list[dict[str, Any]]:
-        return [{f"{self.name}.mass": m, f"{self.name}.max_head": h} for m, h in zip(self.mass, self.max_head)]
-
-    def activation_bytes(self, model: Any, batch: int, seq: int, n_image: int) -> int:
+    def activation_bytes(self, model: "HookedVLM", batch: int, seq: int, n_image: int) -> int:
         return 4 * int(model.cfg.n_heads) * seq * n_image
 
 
 # ---- logit lens ---------------------------------------------------------------------
 
 
-def _fp32_readout(model: Any) -> tuple[Any, Any]:
-    """The language model's final norm and unembedding, computing in float32 (as the lens does)."""
-    norm = model.bridge.ln_final.original_component
-    params = list(norm.parameters())
-    if params and params[0].dtype != torch.float32:
-        norm = copy.deepcopy(norm).float()
-    head = model.hf_model.get_output_embeddings()
-    weight = head.weight.detach().float()
-    bias = None if getattr(head, "bias", None) is None else head.bias.detach().float()
-
-    def unembed(x: Tensor) -> Tensor:
-        return torch.nn.functional.linear(x.float().to(weight.device), weight, bias)
-
-    device = params[0].device if params else None  # with a device_map, layers live on several devices
-    return (lambda x: norm(x.float().to(device)).float()), unembed
-
-
 class LogitLens(SweepAnalysis):
-    """The logit lens on the image tokens (``vlens.analysis.logit_lens``), reduced to rates.
+    """The logit lens on the image tokens (:func:`vlens.analysis.logit_lens`, through
+    :class:`~vlens.analysis.LensStream`), reduced to rates. Columns (``n_layers + 1`` each):
 
-    At every layer index l, each image token's residual goes through the final norm and
-    the unembedding (float32); only its top-``k`` ids are kept. Columns (``n_layers + 1``
-    entries each):
+    * ``logit_lens.match``: ``LensResult.match`` with each image token labelled by the
+      object word whose box holds the token's patch centre (the smallest such box); needs
+      examples with ``boxes``, NaN otherwise.
+    * ``logit_lens.object_hit``: ``LensResult.hit_rate`` of the example's object words
+      (NaN without ``objects``).
+    * ``logit_lens.final_agreement``: ``LensResult.final_agreement``.
 
-    * ``logit_lens.match``: the fraction of labelled image tokens whose label is in the
-      top-k. A token's label is the object word whose box holds the token's patch centre
-      (the smallest such box), so this needs examples with ``boxes``; NaN otherwise.
-    * ``logit_lens.object_hit``: the fraction of image tokens whose top-k holds any of
-      the example's object words (NaN without ``objects``).
-    * ``logit_lens.final_agreement``: the fraction of image tokens whose top-1 at layer l
-      equals their top-1 at the last layer.
-
-    A word's token is its first token when tokenized alone (as in ``logit_lens``); a word
-    that maps to the unknown token is no label.
+    Words become ids by the lens's one rule (:func:`vlens.analysis.lens.word_id`); a word the
+    vocabulary lacks is no label.
     """
 
     name = "logit_lens"
@@ -287,112 +229,74 @@ class LogitLens(SweepAnalysis):
     def params(self) -> dict[str, Any]:
         return {"k": self.k}
 
-    def hook_names(self, model: Any) -> list[str]:
-        return resid_hooks(model.n_layers)
+    def make_stream(self, model: "HookedVLM") -> Stream:
+        return LensStream(model, positions="image", k=self.k)
 
-    def _word_id(self, model: Any, word: str) -> int:
-        cache = self.__dict__.setdefault("_word_ids", {})
-        if word not in cache:
-            tok = model.tokenizer
-            ids = tok.encode(word, add_special_tokens=False)
-            cache[word] = -1 if not ids or ids[0] == tok.unk_token_id else int(ids[0])
-        return cache[word]
-
-    def start(self, model: Any, batch: Batch) -> None:
-        if getattr(self, "_model", None) is not model:
-            self._model = model
-            self._norm, self._unembed = _fp32_readout(model)
-        n = model.n_layers + 1
-        self.layer_of = {h: i for i, h in enumerate(resid_hooks(model.n_layers))}
-        self.img = [batch.image_positions(r) for r in range(batch.size)]
-        self.top: list[list[Optional[Tensor]]] = [[None] * n for _ in range(batch.size)]
-        self.labels = [self._token_labels(model, batch, r) for r in range(batch.size)]
-        self.objects = [
-            torch.tensor(sorted({i for i in (self._word_id(model, w) for w in ex.objects) if i >= 0}), dtype=torch.long)
-            for ex in batch.examples
+    def columns(self, model: "HookedVLM", batch: Batch, result: Any) -> list[dict[str, Any]]:
+        tok = model.tokenizer
+        labels = torch.full(tuple(result.positions.shape), -1, dtype=torch.long)
+        objects = []
+        for r, ex in enumerate(batch.examples):
+            row_labels = box_labels(model, batch, r, lambda word: label_id(tok, word))
+            labels[r, : row_labels.numel()] = row_labels
+            ids = sorted({i for i in (label_id(tok, w) for w in ex.objects) if i >= 0})
+            objects.append(torch.tensor(ids, dtype=torch.long))
+        match, hit, agree = result.match(labels), result.hit_rate(objects), result.final_agreement()
+        return [
+            {f"{self.name}.match": _floats(match[r]), f"{self.name}.object_hit": _floats(hit[r]),
+             f"{self.name}.final_agreement": _floats(agree[r])}
+            for r in range(batch.size)
         ]
 
-    def _token_labels(self, model: Any, batch: Batch, row: int) -> Tensor:
-        """Label id per image token of the row (-1: none), from the example's boxes."""
-        n = self.img[row].numel()
-        ex = batch.examples[row]
-        labels = torch.full((n,), -1, dtype=torch.long)
-        spans = batch.layout.images[row]
-        if not ex.boxes or not spans:
-            return labels
-        width, height = batch.images[row].size
-        x0, y0, w, h = 0.0, 0.0, float(width), float(height)
-        if getattr(getattr(model.processor, "image_processor", None), "do_center_crop", False):
-            side = float(min(width, height))  # the grid covers the central square crop
-            x0, y0, w, h = (width - side) / 2, (height - side) / 2, side, side
-        areas = [b[2] * b[3] for b in ex.boxes]
-        order = sorted(range(len(ex.boxes)), key=lambda i: areas[i])
-        offset = 0
-        for span in spans:
-            if span.image_index == 0 and span.grid is not None:
-                rows, cols = span.grid
-                for j in range(span.n_tokens):
-                    r, c = span.row_col[j].tolist()
-                    if span.tile[j] != 0 or r < 0:
-                        continue
-                    px, py = x0 + (c + 0.5) / cols * w, y0 + (r + 0.5) / rows * h
-                    for i in order:
-                        bx, by, bw, bh = ex.boxes[i]
-                        if bx <= px <= bx + bw and by <= py <= by + bh:
-                            labels[offset + j] = self._word_id(model, ex.objects[i])
-                            break
-            offset += span.n_tokens
-        return labels
-
-    def reduce(self, model: Any, batch: Batch, name: str, tensor: Tensor) -> None:
-        layer = self.layer_of.get(name)
-        if layer is None:
-            return
-        with torch.no_grad():
-            for r in range(batch.size):
-                img = self.img[r]
-                if img.numel() == 0:
-                    continue
-                logits = self._unembed(self._norm(tensor[r, img.to(tensor.device)]))
-                self.top[r][layer] = logits.topk(self.k, dim=-1).indices.cpu()  # topk of logits = of log-probs
-
-    def rows(self, model: Any, batch: Batch) -> list[dict[str, Any]]:
-        n = model.n_layers + 1
-        out = []
-        for r in range(batch.size):
-            match, hit, agree = _nan_list(n), _nan_list(n), _nan_list(n)
-            final = self.top[r][-1]
-            labels, objects = self.labels[r], self.objects[r]
-            for l, top in enumerate(self.top[r]):
-                if top is None:
-                    continue
-                if (labels >= 0).any():
-                    lab = labels >= 0
-                    match[l] = float((top[lab] == labels[lab, None]).any(-1).float().mean())
-                if objects.numel():
-                    hit[l] = float(torch.isin(top, objects).any(-1).float().mean())
-                if final is not None:
-                    agree[l] = float((top[:, 0] == final[:, 0]).float().mean())
-            out.append({f"{self.name}.match": match, f"{self.name}.object_hit": hit,
-                        f"{self.name}.final_agreement": agree})
-        return out
-
-    def activation_bytes(self, model: Any, batch: int, seq: int, n_image: int) -> int:
+    def activation_bytes(self, model: "HookedVLM", batch: int, seq: int, n_image: int) -> int:
         return 4 * n_image * int(model.cfg.d_vocab) * 2 + 4 * n_image * int(model.cfg.d_model) * 2
+
+
+def box_labels(model: "HookedVLM", batch: Batch, row: int, word_to_id: Any) -> Tensor:
+    """Label id per image token of a row (-1: none): the object word whose box holds the
+    token's patch centre (the smallest such box), from the example's ``boxes``."""
+    positions = batch.layout.image_positions(row)
+    labels = torch.full((positions.numel(),), -1, dtype=torch.long)
+    ex = batch.examples[row]
+    spans = batch.layout.images[row]
+    if not ex.boxes or not spans:
+        return labels
+    width, height = batch.images[row].size
+    x0, y0, w, h = 0.0, 0.0, float(width), float(height)
+    if getattr(getattr(model.processor, "image_processor", None), "do_center_crop", False):
+        side = float(min(width, height))  # the grid covers the central square crop
+        x0, y0, w, h = (width - side) / 2, (height - side) / 2, side, side
+    areas = [b[2] * b[3] for b in ex.boxes]
+    order = sorted(range(len(ex.boxes)), key=lambda i: areas[i])
+    offset = 0
+    for span in spans:
+        if span.image_index == 0 and span.grid is not None:
+            rows, cols = span.grid
+            for j in range(span.n_tokens):
+                r, c = span.row_col[j].tolist()
+                if span.tile[j] != 0 or r < 0:
+                    continue
+                px, py = x0 + (c + 0.5) / cols * w, y0 + (r + 0.5) / rows * h
+                for i in order:
+                    bx, by, bw, bh = ex.boxes[i]
+                    if bx <= px <= bx + bw and by <= py <= by + bh:
+                        labels[offset + j] = word_to_id(ex.objects[i])
+                        break
+        offset += span.n_tokens
+    return labels
 
 
 # ---- loss against the number of image tokens ----------------------------------------
 
 
 class TokenCountCurve(SweepAnalysis):
-    """Answer loss as a function of how many image tokens the language model sees.
+    """Answer loss as a function of how many image tokens the language model sees:
+    :func:`vlens.analysis.token_count_curve` (its kv engine where the family allows it).
 
     For each fraction f, the first ``round(f * n)`` image tokens (sequence order, i.e.
-    raster order for grid images) are kept, the others removed, and the language model
-    runs on the shortened embeddings with positions renumbered (``HookedVLM.
-    input_embeddings`` + ``run_language_model``). ``loss`` is the mean cross-entropy
-    over the answer tokens (NaN without an answer). Columns:
-    ``token_count_curve.loss`` (one per fraction), ``token_count_curve.counts``.
+    raster order for grid images) are kept and the others removed. Columns:
+    ``token_count_curve.loss`` (one per fraction; NaN without an answer),
+    ``token_count_curve.counts``, ``token_count_curve.engine`` (the engine that ran).
     """
 
     name = "token_count_curve"
@@ -409,47 +313,36 @@ class TokenCountCurve(SweepAnalysis):
     def params(self) -> dict[str, Any]:
         return {"fractions": list(self.fractions)}
 
-    def rows(self, model: Any, batch: Batch) -> list[dict[str, Any]]:
+    def rows(self, model: "HookedVLM", batch: Batch) -> list[dict[str, Any]]:
         layout = batch.layout
-        out = []
-        embeds = None
-        per_token = getattr(model.adapter, "per_token_inputs", ())  # e.g. Gemma3's token_type_ids
-        with torch.no_grad():
-            for r in range(batch.size):
-                img = batch.image_positions(r)
-                counts = [int(round(f * img.numel())) for f in self.fractions]
-                answer = batch.positions(r, "answer")
-                losses = _nan_list(len(counts))
-                if answer.numel():
-                    if embeds is None:
-                        embeds = model.input_embeddings(batch.inputs)
-                    length = int(layout.lengths[r])
-                    ids = batch.inputs.input_ids[r]
-                    is_img = layout.image_mask[r, :length]
-                    for j, k in enumerate(counts):
-                        keep = ~is_img.clone()
-                        keep[img[:k]] = True
-                        kept = keep.nonzero().flatten()
-                        new_index = torch.cumsum(keep.long(), 0) - 1  # old position -> new position
-                        pred = new_index[answer] - 1  # the position that predicts each answer token
-                        extras = {k: batch.inputs.extras[k][r : r + 1, kept.to(batch.inputs.extras[k].device)]
-                                  for k in per_token if k in batch.inputs.extras}
-                        logits, _ = model.run_language_model(
-                            embeds[r : r + 1, kept.to(embeds.device)],
-                            attention_mask=torch.ones(1, kept.numel(), dtype=torch.long, device=embeds.device),
-                            position_ids=torch.arange(kept.numel(), device=embeds.device)[None],
-                            logits_to_keep=pred.to(embeds.device),
-                            extras=extras or None,
-                        )
-                        lp = torch.log_softmax(logits[0].float(), -1)
-                        target = ids[answer].to(lp.device)
-                        losses[j] = float(-lp.gather(-1, target[:, None]).mean())
-                out.append({f"{self.name}.loss": losses, f"{self.name}.counts": counts})
+        counts = [[int(round(f * int(layout.image_mask[r].sum()))) for f in self.fractions] for r in range(batch.size)]
+        out = [{f"{self.name}.loss": [math.nan] * len(self.fractions), f"{self.name}.counts": c,
+                f"{self.name}.engine": None} for c in counts]
+        answered = [r for r in range(batch.size) if bool(layout.answer_mask[r].any())]
+        if not answered:
+            return out
+        inputs = batch.inputs if len(answered) == batch.size else _rows_of(model, batch.inputs, answered)
+        union = sorted({c for r in answered for c in counts[r]})
+        curve = token_count_curve(model, inputs, counts=union, order="raster", engine="kv")
+        for i, r in enumerate(answered):
+            losses = curve.loss[i]
+            out[r][f"{self.name}.loss"] = [float(losses[union.index(c)]) for c in counts[r]]
+            out[r][f"{self.name}.engine"] = curve.engine
         return out
 
-    def activation_bytes(self, model: Any, batch: int, seq: int, n_image: int) -> int:
+    def activation_bytes(self, model: "HookedVLM", batch: int, seq: int, n_image: int) -> int:
         d = int(model.cfg.d_model)
         return 4 * batch * seq * d + 4 * seq * int(model.cfg.d_vocab)
+
+
+def _rows_of(model: "HookedVLM", inputs: "VLMInputs", rows: list[int]) -> "VLMInputs":
+    """Some rows of a batch, prepared again from the texts the processor saw."""
+    return model.prepare(
+        [list(inputs.images[r]) for r in rows],
+        [inputs.texts[r] for r in rows],
+        answer=[inputs.answers[r] for r in rows],
+        chat_template=False,
+    )
 
 
 ANALYSES: dict[str, type[SweepAnalysis]] = {

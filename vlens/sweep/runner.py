@@ -11,7 +11,6 @@ processes with accelerate's ``PartialState.split_between_processes``.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import sys
 import time
@@ -24,7 +23,8 @@ import torch
 from vlens.data.loaders import Example, ExampleSet
 from vlens.errors import DatasetError, SweepConfigError, VLensError
 from vlens.sweep import store
-from vlens.sweep.analyses import DEFAULT_ANALYSES, Batch, SweepAnalysis, _tensor, build_analyses
+from vlens.analysis.knockout import answer_losses
+from vlens.sweep.analyses import DEFAULT_ANALYSES, Batch, SweepAnalysis, build_analyses
 from vlens.sweep.memory import MemoryEstimate, check_budget, estimate_memory, fmt_bytes, parse_bytes
 
 log = logging.getLogger("vlens.sweep")
@@ -119,28 +119,18 @@ def _process(model: Any, analyses: list[SweepAnalysis], data: ExampleSet, indice
         check_budget(estimate_memory(model, analyses, lay.batch_size, lay.seq_len, int(lay.image_mask.sum(1).max())),
                      budget, model.device)
         batch = Batch(inputs, [g[1] for g in good], [g[2] for g in good])
-        for a in analyses:
-            a.start(model, batch)
-        streaming = [(a, n) for a in analyses if a.stream for n in a.hook_names(model)]
-        cached = [(a, n) for a in analyses if not a.stream for n in a.hook_names(model)]
-
-        def hook_for(analysis: SweepAnalysis, name: str) -> Any:
-            def fn(tensor: Any, hook: Any) -> None:
-                t = _tensor(tensor)
-                if t is not None:
-                    analysis.reduce(model, batch, name, t.detach())
-
-            return fn
-
-        with torch.no_grad(), model.hooks([(n, hook_for(a, n)) for a, n in streaming]):
+        cached = sorted({n for a in analyses if not a.stream for n in a.hook_names(model)})
+        hooks = [h for a in analyses if a.stream for h in a.hooks(model, batch)]
+        with torch.no_grad(), model.hooks(hooks):
             if cached:
-                logits, cache = model.run_with_cache(inputs, names_filter=sorted({n for _, n in cached}))
-                for a, n in cached:
-                    a.reduce(model, batch, n, cache[n])
+                logits, cache = model.run_with_cache(inputs, names_filter=cached)
+                for a in analyses:
+                    if not a.stream:
+                        a.reduce_cache(model, batch, cache)
                 del cache
             else:
                 logits = model(inputs)
-        loss = _answer_loss(logits, inputs)
+        loss = answer_losses(logits, inputs)
         del logits
         per_analysis = [a.rows(model, batch) for a in analyses]
         for r, (i, ex, _) in enumerate(good):
@@ -177,21 +167,6 @@ def _prepare(model: Any, good: list, rows: dict[int, dict[str, Any]], skip_bad: 
         except VLensError as exc:
             rows[g[0]] = _error_row(g[0], g[1].id, f"cannot be prepared: {type(exc).__name__}: {exc}")
     return kept, (prepare(kept) if kept else None)
-
-
-def _answer_loss(logits: torch.Tensor, inputs: Any) -> list[float]:
-    """Mean cross-entropy over each row's answer tokens (NaN without an answer)."""
-    layout = inputs.layout
-    out = []
-    for r in range(layout.batch_size):
-        pos = layout.answer_mask[r].nonzero().flatten()
-        if pos.numel() == 0:
-            out.append(math.nan)
-            continue
-        lp = torch.log_softmax(logits[r, (pos - 1).to(logits.device)].float(), -1)
-        target = inputs.input_ids[r, pos].to(lp.device)
-        out.append(float(-lp.gather(-1, target[:, None]).mean()))
-    return out
 
 
 def run(

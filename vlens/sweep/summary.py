@@ -82,7 +82,10 @@ def summarize(out: Union[str, Path], confidence: float = 0.95, figures: bool = T
     frame = store.read_rows(out)
     ok = frame[frame["error"].isna()] if len(frame) else frame
     records = []
-    curve_cols = [c for c in ok.columns if "." in c and not c.endswith(".counts")]
+    # Curves are the numeric per-example columns; the counts axis and text columns (the
+    # engine that ran) describe them.
+    curve_cols = [c for c in ok.columns if "." in c and not c.endswith(".counts")
+                  and not any(isinstance(v, str) for v in ok[c])]
     for col in curve_cols:
         analysis, fld = col.split(".", 1)
         stats_ = mean_ci(_stack(ok[col]), confidence)

@@ -82,7 +82,10 @@ def similarity_figure(result: Any, title: Optional[str] = None) -> Any:
     """The per-layer curve of a ``SimilarityResult`` (``per_layer``, n_layers + 1 entries)."""
     against = getattr(result, "against", None)
     label = "cosine similarity" + (f" to {against}" if isinstance(against, str) else "")
-    return layer_curve({"image tokens": result.per_layer}, axis="resid", ylabel=label,
+    per_layer = _np(result.per_layer)
+    if per_layer.ndim == 2:  # batched: mean over the batch
+        per_layer = per_layer.mean(0)
+    return layer_curve({"image tokens": per_layer}, axis="resid", ylabel=label,
                        title=title or "Visual tokens vs text: similarity per layer")
 
 

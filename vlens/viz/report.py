@@ -1,20 +1,20 @@
 """The HTML report: every analysis on one image and prompt, in one self-contained file.
 
-:func:`build_report` runs the model once with a cache holding what the analyses read
-(residual stream and attention patterns), runs each analysis of ``vlens.analysis``,
-and turns results into sections: figures as base64 PNGs, CircuitsVis attention views
-with the bundle inlined once, and the tables behind every figure. :meth:`Report.write`
-saves ``report.html`` and one CSV (or Parquet) file per table.
+:func:`build_report` runs the model once with the streams of ``vlens.analysis`` attached
+(the logit lens, modality similarity and attention to the image reduce each layer inside its
+hook, so no layer's activations are kept) and a cache of only the attention patterns the
+CircuitsVis view shows; then the token-removal analyses, and turns results into sections:
+figures as base64 PNGs, CircuitsVis attention views with the bundle inlined once, and the
+tables behind every figure. :meth:`Report.write` saves ``report.html`` and one CSV (or
+Parquet) file per table.
 
-An analysis that this installation of vlens does not provide, or that fails on this
-model, becomes a visible note in its section (never a silent gap), and is listed in
-``Report.problems``.
+An analysis that fails on this model becomes a visible note in its section (never a silent
+gap), and is listed in ``Report.problems``.
 """
 
 from __future__ import annotations
 
 import html
-import importlib
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -25,6 +25,8 @@ import pandas as pd
 import PIL.Image
 import torch
 
+from vlens import analysis as va
+from vlens.analysis.lens import label_id
 from vlens.viz._html import data_table, esc, figure_block, figure_png, page
 from vlens.viz.attention import attention_view
 from vlens.viz.curves import attention_mass_figure, bar_figure, count_curve_figure, layer_curve, similarity_figure
@@ -34,8 +36,6 @@ from vlens.viz.lens_panel import decoder, layer_labels, lens_grid, lens_panel, p
 Progress = Callable[[str], None]
 DataFormat = Literal["csv", "parquet"]
 
-# Hooks the report's analyses read; asked for once, so the cache holds nothing else.
-REPORT_HOOKS = ("blocks.0.hook_resid_pre", "blocks.*.hook_resid_post", "blocks.*.attn.hook_pattern")
 
 
 @dataclass(frozen=True)
@@ -132,14 +132,12 @@ class Report:
 class _Context:
     model: Any
     inputs: Any
-    cache: Any
+    cache: Any  # the attention patterns of pattern_layers only
     tokens: list[str]
     span: Any
     image: PIL.Image.Image
-    lens_labels: Optional[list]
-    attention_layers: Optional[Sequence[int]]
-    analysis: Any  # the vlens.analysis module, or None
-    analysis_error: Optional[str]
+    pattern_layers: list[int]
+    results: dict[str, Any]  # stream name -> its per-example result, or the error it raised
 
 
 def _silent(_: str) -> None:
@@ -174,14 +172,18 @@ def build_report(
         from vlens.errors import AnalysisInputError
 
         raise AnalysisInputError(f"the report covers one example; got a batch of {inputs.batch_size}")
-    try:
-        analysis = importlib.import_module("vlens.analysis")
-        analysis_error = None
-    except Exception as err:  # a broken or missing analysis package must not hide the rest
-        analysis, analysis_error = None, f"vlens.analysis could not be imported ({type(err).__name__}: {err})"
-    say("forward pass with cache (residual stream, attention patterns)")
-    with torch.no_grad():
-        _, cache = model.run_with_cache(inputs, names_filter=list(REPORT_HOOKS), device="cpu")
+    pattern_layers = _pattern_layers(model, attention_layers)
+    say("forward pass with the streams attached (lens, similarity, attention) and the viewed patterns cached")
+    streams, hooks, results = _report_streams(model, inputs, lens_labels)
+    names = [f"blocks.{l}.attn.hook_pattern" for l in pattern_layers]
+    with torch.no_grad(), model.hooks(hooks):
+        _, cache = model.run_with_cache(inputs, names_filter=names, device="cpu")
+    for key, stream in streams.items():
+        try:
+            stream.commit()
+            results[key] = stream.last_batch
+        except Exception as err:  # one failing reduction must not lose the others
+            results[key] = err
     span = inputs.layout.images[0][0]
     ctx = _Context(
         model=model,
@@ -190,10 +192,8 @@ def build_report(
         tokens=model.to_str_tokens(inputs),
         span=span,
         image=model_view_image(inputs, model.processor),
-        lens_labels=lens_labels,
-        attention_layers=attention_layers,
-        analysis=analysis,
-        analysis_error=analysis_error,
+        pattern_layers=pattern_layers,
+        results=results,
     )
     sections = [_input_section(ctx)]
     steps: list[tuple[str, Callable[[_Context], Section]]] = [
@@ -224,23 +224,61 @@ def build_report(
 # ---- sections ------------------------------------------------------------------------
 
 
-def _missing(ctx: _Context, fn_name: str) -> Optional[str]:
-    if ctx.analysis is None:
-        return f"Skipped: {ctx.analysis_error}."
-    if not hasattr(ctx.analysis, fn_name):
-        return f"Skipped: this installation of vlens has no vlens.analysis.{fn_name}."
-    return None
+def _report_streams(model: Any, inputs: Any, lens_labels: Optional[list]) -> tuple[dict[str, Any], list, dict[str, Any]]:
+    """The streams of the report's activation analyses and their hooks for ``inputs``; one
+    that cannot start (a bad position, say) is an error result instead."""
+    tok = model.tokenizer
+
+    def labels(_inputs: Any, row: int) -> torch.Tensor:
+        # Ground-truth words: one the vocabulary lacks is no label (lens.label_id).
+        return torch.tensor([-1 if w is None else label_id(tok, w) for w in lens_labels], dtype=torch.long)
+
+    makers = {
+        "lens": lambda: va.LensStream(model, positions="image", k=5, labels=labels if lens_labels else None),
+        "similarity": lambda: va.SimilarityStream(model, against="text_states"),
+        "attention": lambda: va.AttentionStream(model, query="instruction"),
+    }
+    streams: dict[str, Any] = {}
+    hooks: list = []
+    results: dict[str, Any] = {}
+    for key, make in makers.items():
+        try:
+            stream = make()
+            hooks += stream.hooks(inputs)
+            streams[key] = stream
+        except Exception as err:
+            results[key] = err
+    return streams, hooks, results
 
 
-def _guarded(key: str, title: str, fn_name: Optional[str]) -> Callable:
-    """Turn a section builder into one that reports a missing analysis or a failure visibly."""
+def _pattern_layers(model: Any, attention_layers: Optional[Sequence[int]]) -> list[int]:
+    """The blocks the CircuitsVis view shows: every block of a small model; else first, middle
+    and last when heads are few, and only the middle block (where text reads the image) when
+    they are many, so the view's window stays wide enough to be useful (see
+    attention.DEFAULT_CELL_BUDGET)."""
+    n = model.n_layers
+    n_heads = int(model.cfg.n_heads)
+    if attention_layers:
+        return list(attention_layers)
+    if n <= 4:
+        return list(range(n))
+    if 3 * n_heads <= 32:
+        return [0, n // 2, n - 1]
+    return [n // 2]
+
+
+def _result(ctx: _Context, key: str) -> Any:
+    found = ctx.results[key]
+    if isinstance(found, Exception):
+        raise found
+    return found
+
+
+def _guarded(key: str, title: str) -> Callable:
+    """Turn a section builder into one that reports a failure visibly."""
 
     def wrap(build: Callable[[_Context], Section]) -> Callable[[_Context], Section]:
         def run(ctx: _Context) -> Section:
-            if fn_name is not None:
-                reason = _missing(ctx, fn_name)
-                if reason:
-                    return Section(key, title, "", problem=reason)
             try:
                 return build(ctx)
             except Exception as err:  # one failing analysis must not lose the others
@@ -323,17 +361,18 @@ def _span_slice(values: torch.Tensor, value_positions: torch.Tensor, span: Any) 
     return values[..., [index[p] for p in span.positions.tolist()]]
 
 
-@_guarded("lens", "Logit lens on visual tokens", "logit_lens")
+@_guarded("lens", "Logit lens on visual tokens")
 def _lens_section(ctx: _Context) -> Section:
-    va, model = ctx.analysis, ctx.model
-    result = va.logit_lens(model, ctx.cache, positions="image", k=5, labels=ctx.lens_labels)
+    model = ctx.model
+    batched = _result(ctx, "lens")
+    result = batched.row(0)
     decode = decoder(model.tokenizer)
     body = figure_block(
         figure_png(lens_panel(result, ctx.inputs.layout, model.tokenizer)),
         "Per layer, the top-1 word the logit lens reads from each visual token, laid out on the image grid.",
         fig_id="fig-lens",
     )
-    frame = result.to_frame()
+    frame = batched.to_frame()
     ids = frame["token_id"].astype(int)
     words = {int(t): decode(int(t)) for t in ids.unique()}
     frame["token"] = ids.map(words)
@@ -341,7 +380,7 @@ def _lens_section(ctx: _Context) -> Section:
     layers = [int(l) for l in result.layers.tolist()]
     if getattr(result, "match_rate", None) is not None and torch.isfinite(result.match_rate).any():
         body += figure_block(
-            figure_png(layer_curve({"match rate": result.match_rate}, ylabel=f"label in top-{result.k}", ylim=(0, 1.02),
+            figure_png(layer_curve({"match rate": result.match_rate}, ylabel=f"label in top-{batched.k}", ylim=(0, 1.02),
                                    title="Logit-lens match rate of visual tokens")),
             "Share of labelled visual tokens whose expected word is among the lens's top-k, per layer.",
             fig_id="fig-lens-match",
@@ -362,12 +401,12 @@ def _lens_section(ctx: _Context) -> Section:
     return Section("lens", "Logit lens on visual tokens", body, tables=tables)
 
 
-@_guarded("similarity", "Visual vs text similarity per layer", "modality_similarity")
+@_guarded("similarity", "Visual vs text similarity per layer")
 def _similarity_section(ctx: _Context) -> Section:
-    va = ctx.analysis
-    result = va.modality_similarity(ctx.model, ctx.cache, against="text_states")
+    batched = _result(ctx, "similarity")
+    result = batched.row(0)
     body = figure_block(
-        figure_png(similarity_figure(result)),
+        figure_png(similarity_figure(batched)),
         "Mean cosine similarity of visual-token states to the instruction's text states, per layer (emb = input embeddings).",
         fig_id="fig-similarity",
     )
@@ -380,15 +419,15 @@ def _similarity_section(ctx: _Context) -> Section:
         fig_id="fig-similarity-map",
     )
     return Section("similarity", "Visual vs text similarity per layer", body,
-                   tables={"similarity": result.to_frame(), "similarity_curve": result.curve_frame()})
+                   tables={"similarity": batched.to_frame(), "similarity_curve": batched.curve_frame()})
 
 
-@_guarded("attention", "Attention from text to the image", "attention_to_image")
+@_guarded("attention", "Attention from text to the image")
 def _attention_section(ctx: _Context) -> Section:
-    va = ctx.analysis
-    result = va.attention_to_image(ctx.cache, query="instruction")
+    batched = _result(ctx, "attention")
+    result = batched.row(0)
     body = figure_block(
-        figure_png(attention_mass_figure(result)),
+        figure_png(attention_mass_figure(batched)),
         "Share of the instruction tokens' attention that lands on image tokens, per block and head.",
         fig_id="fig-attention-mass",
     )
@@ -401,27 +440,13 @@ def _attention_section(ctx: _Context) -> Section:
         "each panel has its own colour scale (the values are in the data files).",
         fig_id="fig-attention-received",
     )
-    tables = {"attention_mass": result.to_frame()}
-    if hasattr(result, "received_frame"):
-        tables["attention_received"] = result.received_frame()
+    tables = {"attention_mass": batched.to_frame(), "attention_received": batched.received_frame()}
     return Section("attention", "Attention from text to the image", body, tables=tables)
 
 
-@_guarded("patterns", "Attention patterns", None)
+@_guarded("patterns", "Attention patterns")
 def _patterns_section(ctx: _Context) -> Section:
-    n = ctx.model.n_layers
-    # Every layer of a small model; else first, middle and last when heads are few, and only the
-    # middle layer (where text reads the image) when they are many, so the view's window stays
-    # wide enough to be useful (see attention.DEFAULT_CELL_BUDGET).
-    n_heads = int(ctx.model.cfg.n_heads)
-    if ctx.attention_layers:
-        layers = list(ctx.attention_layers)
-    elif n <= 4:
-        layers = list(range(n))
-    elif 3 * n_heads <= 32:
-        layers = [0, n // 2, n - 1]
-    else:
-        layers = [n // 2]
+    layers = ctx.pattern_layers
     view = attention_view(ctx.cache, ctx.tokens, layers=layers, id_prefix="vlens-attn")
     intro = (
         '<p class="caption">CircuitsVis attention heads (hover a thumbnail to zoom, click to lock). '
@@ -440,9 +465,8 @@ def count_grid(n: int, full_below: int = 64) -> Optional[list[int]]:
     return sorted({0, n} | powers | linear)
 
 
-@_guarded("count", "Loss vs number of visual tokens", "token_count_curve")
+@_guarded("count", "Loss vs number of visual tokens")
 def _count_section(ctx: _Context) -> Section:
-    va = ctx.analysis
     result = va.token_count_curve(ctx.model, ctx.inputs, counts=count_grid(ctx.span.n_tokens))
     body = figure_block(
         figure_png(count_curve_figure(result)),
@@ -454,13 +478,11 @@ def _count_section(ctx: _Context) -> Section:
     return Section("count", "Loss vs number of visual tokens", body, tables={"count_curve": frame})
 
 
-@_guarded("contributions", "Contribution of each visual token", "token_contributions")
+@_guarded("contributions", "Contribution of each visual token")
 def _contribution_section(ctx: _Context) -> Section:
-    va = ctx.analysis
-    result = va.token_contributions(ctx.model, ctx.inputs)
-    delta = torch.as_tensor(result.delta_loss).float()
-    positions = getattr(result, "image_positions", None)
-    values = _span_slice(delta, positions, ctx.span) if positions is not None else delta[: ctx.span.n_tokens]
+    batched = va.token_contributions(ctx.model, ctx.inputs)
+    result = batched.row(0)
+    values = _span_slice(result.delta_loss.float(), result.image_positions, ctx.span)
     finite = values[torch.isfinite(values)]
     bound = float(finite.abs().max()) if finite.numel() else 1.0
     body = figure_block(
@@ -475,7 +497,7 @@ def _contribution_section(ctx: _Context) -> Section:
             "Per Q-Former query token.",
             fig_id="fig-contributions-bar",
         )
-    return Section("contributions", "Contribution of each visual token", body, tables={"contributions": result.to_frame()})
+    return Section("contributions", "Contribution of each visual token", body, tables={"contributions": batched.to_frame()})
 
 
 def report_inputs(model: Any, image: Any, prompt: str, answer: Optional[str] = None, max_new_tokens: int = 20) -> tuple[Any, dict[str, Any]]:
