@@ -241,7 +241,7 @@ class HookedVLM:
                 forward with a key/value cache is :meth:`run_language_model`.
         """
         if unexpected:
-            # Collected only to be refused with the accepted names; Python's own message names neither.
+            # Collected only to be refused: Python's own message would not say what forward accepts.
             raise TypeError(
                 f"HookedVLM.forward() got unexpected keyword argument(s) {', '.join(map(repr, unexpected))}; "
                 "it accepts only 'inputs' (from model.prepare(...)). Hugging Face arguments such as "
