@@ -14,7 +14,6 @@ model, becomes a visible note in its section (never a silent gap), and is listed
 from __future__ import annotations
 
 import html
-import importlib
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ import pandas as pd
 import PIL.Image
 import torch
 
+import vlens.analysis
 from vlens.viz._html import data_table, esc, figure_block, figure_png, page
 from vlens.viz.attention import attention_view
 from vlens.viz.curves import attention_mass_figure, bar_figure, count_curve_figure, layer_curve, similarity_figure
@@ -138,8 +138,7 @@ class _Context:
     image: PIL.Image.Image
     lens_labels: Optional[list]
     attention_layers: Optional[Sequence[int]]
-    analysis: Any  # the vlens.analysis module, or None
-    analysis_error: Optional[str]
+    analysis: Any  # the vlens.analysis module
 
 
 def _silent(_: str) -> None:
@@ -174,11 +173,6 @@ def build_report(
         from vlens.errors import AnalysisInputError
 
         raise AnalysisInputError(f"the report covers one example; got a batch of {inputs.batch_size}")
-    try:
-        analysis = importlib.import_module("vlens.analysis")
-        analysis_error = None
-    except Exception as err:  # a broken or missing analysis package must not hide the rest
-        analysis, analysis_error = None, f"vlens.analysis could not be imported ({type(err).__name__}: {err})"
     say("forward pass with cache (residual stream, attention patterns)")
     with torch.no_grad():
         _, cache = model.run_with_cache(inputs, names_filter=list(REPORT_HOOKS), device="cpu")
@@ -192,8 +186,7 @@ def build_report(
         image=model_view_image(inputs, model.processor),
         lens_labels=lens_labels,
         attention_layers=attention_layers,
-        analysis=analysis,
-        analysis_error=analysis_error,
+        analysis=vlens.analysis,
     )
     sections = [_input_section(ctx)]
     steps: list[tuple[str, Callable[[_Context], Section]]] = [
@@ -225,8 +218,6 @@ def build_report(
 
 
 def _missing(ctx: _Context, fn_name: str) -> Optional[str]:
-    if ctx.analysis is None:
-        return f"Skipped: {ctx.analysis_error}."
     if not hasattr(ctx.analysis, fn_name):
         return f"Skipped: this installation of vlens has no vlens.analysis.{fn_name}."
     return None
