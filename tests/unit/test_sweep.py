@@ -113,7 +113,7 @@ def test_streaming_equals_cache_form(llava_model, swept, scenes, tmp_path):
 
 
 def test_values_match_vlens_analysis(llava_model, swept, scenes):
-    va = pytest.importorskip("vlens.analysis", reason="vlens.analysis is written in parallel")
+    import vlens.analysis as va
     rows = sweep.load_results(swept[0])
     ex = scenes[1]
     inputs = llava_model.prepare(ex.load_image(), ex.prompt, answer=ex.answer)
