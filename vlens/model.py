@@ -228,12 +228,26 @@ class HookedVLM:
 
     # ---- running --------------------------------------------------------------------
 
-    def forward(self, inputs: VLMInputs, **hf_kwargs: Any) -> Float[Tensor, "batch pos d_vocab"]:
+    def forward(self, inputs: VLMInputs, **unexpected: Any) -> Float[Tensor, "batch pos d_vocab"]:
         """Logits of the whole batch, exactly as the Hugging Face model computes them.
 
-        ``hf_kwargs`` go to the Hugging Face forward (e.g. ``past_key_values``).
+        Args:
+            inputs: From :meth:`prepare`.
+
+        Raises:
+            TypeError: For any other argument, naming it. Extra keyword arguments once went
+                on to the Hugging Face forward unchecked, so a misspelt one ran silently.
+                Hugging Face's own arguments are for ``model.hf_model(...)``, and a language-model
+                forward with a key/value cache is :meth:`run_language_model`.
         """
-        return self.hf_model(**self._model_kwargs(inputs), **hf_kwargs).logits
+        if unexpected:
+            # Collected only to be refused: Python's own message would not say what forward accepts.
+            raise TypeError(
+                f"HookedVLM.forward() got unexpected keyword argument(s) {', '.join(map(repr, unexpected))}; "
+                "it accepts only 'inputs' (from model.prepare(...)). Hugging Face arguments such as "
+                "past_key_values belong to model.hf_model(...) or model.run_language_model(...)"
+            )
+        return self.hf_model(**self._model_kwargs(inputs)).logits
 
     __call__ = forward
 

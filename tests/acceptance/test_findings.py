@@ -12,12 +12,10 @@ test fails loudly if it starts to hold (then update docs/findings.md and drop th
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-import vlens.zoo
 from examples import _common as common
 from examples import attention_to_image as attention_ex
 from examples import logit_lens_visual_tokens as lens_ex
@@ -29,12 +27,9 @@ from vlens import HookedVLM
 
 # VLENS_TOY_CHECKPOINT: run these tests on a candidate toy checkpoint (a folder written by
 # `python -m vlens.zoo.train --out DIR`) before it replaces the shipped one in vlens/zoo/toy.
+# The toy ships in the package: a missing one fails every test here (loudly), never skips them.
 CANDIDATE = os.environ.get("VLENS_TOY_CHECKPOINT")
 TOY = CANDIDATE or "toy"
-TOY_CONFIG = Path(CANDIDATE or Path(vlens.zoo.__file__).parent / "toy") / "config.json"
-needs_toy = pytest.mark.skipif(
-    not TOY_CONFIG.is_file(), reason=f"the toy checkpoint has not landed ({TOY_CONFIG} is missing)"
-)
 
 N_SCENES = 24  # every finding; a one-sided sign test at p < 0.01 then needs >= 19/24 scenes
 N_CONTRIBUTION_SCENES = 16  # one suffix per visual token (64 per scene): the slowest finding; >= 14/16
@@ -79,7 +74,6 @@ def contributions(toy, scenes) -> contributions_ex.ContributionFinding:
 # ---- logit lens -------------------------------------------------------------------------
 
 
-@needs_toy
 def test_logit_lens_reads_object_patches_above_shuffled_control(toy, lens) -> None:
     assert lens.hit.shape == (toy.n_layers + 1,) and np.isfinite(lens.hit).all()
     assert lens.n_scenes == N_SCENES and lens.n_patches > 0
@@ -89,19 +83,16 @@ def test_logit_lens_reads_object_patches_above_shuffled_control(toy, lens) -> No
 # ---- visual vs text similarity --------------------------------------------------------
 
 
-@needs_toy
 def test_similarity_curve_has_one_finite_entry_per_layer(toy, similarity) -> None:
     assert similarity.visual_text.shape == (N_SCENES, toy.n_layers + 1)
     assert np.isfinite(similarity.visual_text).all() and np.isfinite(similarity.text_text).all()
     assert (np.abs(similarity.visual_text) <= 1 + 1e-5).all()
 
 
-@needs_toy
 def test_visual_text_similarity_rises_with_depth(similarity) -> None:
     assert similarity.rises, similarity_ex.describe(similarity)
 
 
-@needs_toy
 @pytest.mark.xfail(strict=True, reason=(
     "toy (sha256 ecf5ad11...): cos(visual,text) - cos(text,text) is -0.147 at layer 0 and -0.302 over "
     "layers 5-8, higher in 6/24 scenes: text states converge at once (0.11 -> 0.38 at layer 1) and visual "
@@ -114,14 +105,12 @@ def test_visual_text_similarity_rises_more_than_text_text(similarity) -> None:
 # ---- attention to the image -----------------------------------------------------------
 
 
-@needs_toy
 def test_attention_mass_is_a_share_per_block_and_head(toy, attention) -> None:
     mass = attention.mass_instruction
     assert mass.shape == (N_SCENES, toy.n_layers, toy.cfg.n_heads)
     assert np.isfinite(mass).all() and (mass >= 0).all() and (mass <= 1 + 1e-5).all()
 
 
-@needs_toy
 def test_object_patches_receive_more_attention_than_background(attention) -> None:
     assert attention.reproduced, attention_ex.describe(attention)
 
@@ -129,13 +118,11 @@ def test_object_patches_receive_more_attention_than_background(attention) -> Non
 # ---- number of visual tokens ----------------------------------------------------------
 
 
-@needs_toy
 def test_answer_loss_with_all_visual_tokens_below_loss_with_none(count) -> None:
     assert count.counts[0] == 0 and count.counts[-1] == 64
     assert count.reproduced_needs_image, count_ex.describe(count)
 
 
-@needs_toy
 @pytest.mark.xfail(strict=True, reason=(
     "toy (sha256 ecf5ad11...): mean loss over k = 4..48 kept tokens: raster 2.363, random 1.450, but "
     "random lower in only 14/24 scenes, sign test p = 0.27 (40 scenes: 24/40, p = 0.13)"
@@ -147,7 +134,6 @@ def test_random_token_subsets_beat_raster_prefixes(count) -> None:
 # ---- per-token contributions ----------------------------------------------------------
 
 
-@needs_toy
 @pytest.mark.xfail(strict=True, reason=(
     "toy (sha256 ecf5ad11...): the answer loss is 0.003 and removing one patch moves it by about 1e-3: "
     "object patch -0.0020 vs background -0.0011 on average, object higher in 12/16 scenes, p = 0.038 "
@@ -158,7 +144,6 @@ def test_dropping_an_object_patch_costs_more_than_a_background_patch(contributio
     assert contributions.reproduced_for("drop"), contributions_ex.describe(contributions)
 
 
-@needs_toy
 @pytest.mark.xfail(strict=True, reason=(
     "toy (sha256 ecf5ad11...): gradient estimate of an object patch -0.0016 vs background +0.0000, "
     "higher in 4/16 scenes, p = 0.99; its per-scene Spearman correlation with the measured drop is -0.04"
@@ -171,7 +156,6 @@ def test_gradient_estimate_ranks_object_patches_above_background(contributions) 
 # ---- prompt dependence ----------------------------------------------------------------
 
 
-@needs_toy
 def test_image_first_causal_visual_states_ignore_the_prompt(toy, scenes) -> None:
     curves = dependence_ex.measure(toy, scenes[:N_DEPENDENCE_SCENES])
     assert curves.cosine_distance.shape == (N_DEPENDENCE_SCENES, toy.n_layers + 1)

@@ -32,7 +32,7 @@ def test_two_processes_equal_one(llava_model, llava_dir, tmp_path):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(free_port()),
-           "-m", "vlens.sweep.cli", "--model", str(llava_dir), "--data-format", "scenes", "--data", str(N_SCENES),
+           "-m", "vlens.cli", "sweep", "--model", str(llava_dir), "--data-format", "scenes", "--data", str(N_SCENES),
            "--seed", "11", "--out", str(out), "--analyses", ",".join(ANALYSES), "--batch-size", str(BATCH),
            "--no-progress"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)

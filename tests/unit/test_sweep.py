@@ -13,9 +13,9 @@ import pytest
 from vlens import sweep
 from vlens.data import Example, ExampleSet, load_jsonl, load_scenes
 from vlens.errors import AnalysisInputError, DatasetError, MemoryBudgetError, SweepConfigError
+from vlens.cli import main as vlens_main
+from vlens.cli.sweep import load_data, parse_params, sweep_command
 from vlens.sweep import store
-from vlens.sweep.cli import main as cli_main
-from vlens.sweep.cli import parse_params
 from vlens.sweep.memory import parse_bytes
 
 from tests.unit.test_loaders import FIX, IMAGES
@@ -194,33 +194,38 @@ def test_bad_arguments(llava_model, scenes, tmp_path):
     assert report.processed == 1
 
 
-def test_cli_runs_resumes_and_summarizes(llava_dir, tmp_path, capsys):
+def test_cli_runs_resumes_and_summarizes(llava_dir, tmp_path):
+    from click.testing import CliRunner
+
+    def cli(*argv: str):
+        return CliRunner().invoke(vlens_main, ["sweep", *argv], catch_exceptions=False)
+
     base = ["--model", str(llava_dir), "--data-format", "jsonl", "--data", str(FIX / "prompts.jsonl"),
             "--images", str(IMAGES), "--prompt", "what is in the image ?", "--out", str(tmp_path / "c"),
             "--analyses", "logit_lens,attention_to_image", "--batch-size", "2", "--no-progress", "--device", "cpu"]
-    assert cli_main(base + ["--param", "logit_lens.k=2"]) == 0
-    assert "3 examples" in capsys.readouterr().out
+    first = cli(*base, "--param", "logit_lens.k=2")
+    assert first.exit_code == 0, first.output
+    assert "3 examples" in first.stdout
     rows = sweep.load_results(tmp_path / "c")
     assert list(rows["example_id"]) == ["x1", "x2", "line 3"]
     assert not np.isnan(rows["logit_lens.object_hit"][0]).any() and np.isnan(rows["logit_lens.object_hit"][1]).all()
-    assert cli_main(["--out", str(tmp_path / "c"), "--summarize-only"]) == 0
-    assert cli_main(base + ["--param", "logit_lens.k=3"]) == 2
-    assert "logit_lens.params.k" in capsys.readouterr().err
+    assert cli("--out", str(tmp_path / "c"), "--summarize-only").exit_code == 0
+    refused = cli(*base, "--param", "logit_lens.k=3")
+    assert refused.exit_code == 1  # a vlens error, as in every vlens command (2 is for click's usage errors)
+    assert "logit_lens.params.k" in refused.stderr
     assert parse_params(["a.b=1", "a.c=x", "a.d=[0.5, 1]"]) == {"a": {"b": 1, "c": "x", "d": [0.5, 1]}}
     with pytest.raises(SweepConfigError, match="ANALYSIS.KEY=VALUE"):
         parse_params(["k=3"])
 
 
-def test_click_command_passes_arguments_through(swept):
-    click = pytest.importorskip("click")
+def test_sweep_command_runs_in_any_click_group(swept):
+    import click
     from click.testing import CliRunner
-
-    from vlens.sweep.cli import sweep_command
 
     group = click.Group("vlens", commands=[sweep_command])
     result = CliRunner().invoke(group, ["sweep", "--out", str(swept[0]), "--summarize-only"])
     assert result.exit_code == 0 and "5 examples" in result.output
-    assert CliRunner().invoke(group, ["sweep", "--help"]).output.startswith("usage: vlens sweep")
+    assert CliRunner().invoke(group, ["sweep", "--help"]).output.startswith("Usage: vlens sweep")
 
 
 def test_lens_labels_image_tokens_from_boxes(llava_model):
@@ -301,17 +306,11 @@ def test_summary_count_curve_on_fractions(swept):
 
 
 def test_cli_data_formats(tmp_path):
-    import argparse
-
     import PIL.Image
 
-    from vlens.sweep.cli import add_arguments, load_data
-
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-
     def data(*argv: str) -> ExampleSet:
-        return load_data(parser.parse_args(["--out", str(tmp_path / "o"), *argv]))
+        with sweep_command.make_context("sweep", ["--out", str(tmp_path / "o"), *argv]) as ctx:
+            return load_data(ctx.params)
 
     assert data("--data", "7", "--limit", "3").ids == load_scenes(3).ids
     coco = data("--data-format", "coco", "--data", str(FIX / "coco_captions.json"), "--images", str(IMAGES),

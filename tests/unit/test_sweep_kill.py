@@ -27,7 +27,7 @@ def child_env() -> dict[str, str]:
 
 
 def command(model_dir, out) -> list[str]:
-    return [sys.executable, "-m", "vlens.sweep.cli", "--model", str(model_dir), "--data-format", "scenes",
+    return [sys.executable, "-m", "vlens.cli", "sweep", "--model", str(model_dir), "--data-format", "scenes",
             "--data", str(N_SCENES), "--seed", "5", "--out", str(out), "--analyses", ANALYSES,
             "--batch-size", str(BATCH), "--device", "cpu", "--no-progress", "--no-summary"]
 

@@ -27,7 +27,7 @@ from vlens.analysis.attention import (
 from vlens.analysis.dependence import PromptDependenceResult, prompt_dependence
 from vlens.analysis.lens import LensResult, LensStats, LensStream, logit_lens
 from vlens.analysis.similarity import SimilarityResult, SimilarityStream, modality_similarity
-from vlens.analysis.streaming import CurveStats, Stream
+from vlens.analysis.streaming import CurveStats, Stream, run_streams
 from vlens.analysis.tokens import ContributionResult, CountCurveResult, token_contributions, token_count_curve
 
 __all__ = [
@@ -54,6 +54,7 @@ __all__ = [
     "logit_lens",
     "modality_similarity",
     "prompt_dependence",
+    "run_streams",
     "similarity",
     "streaming",
     "token_contributions",

@@ -357,6 +357,7 @@ class LensStream(Stream[LensResult]):
         labels: Optional ``labels(inputs, row) -> Int[Tensor, "pos"]``, the expected token
             id at each chosen position of a row (-1: none; a row with no label has a NaN
             match rate, left out of the mean).
+        layers: Layer indices in ``0..n_layers`` (default: all ``n_layers + 1``).
     """
 
     def __init__(
@@ -365,11 +366,12 @@ class LensStream(Stream[LensResult]):
         positions: PositionSpec = "image",
         k: int = 10,
         labels: Optional[LabelsFn] = None,
+        layers: Optional[Sequence[int]] = None,
     ) -> None:
         self._labels = labels
         self._inputs: Any = None
         labels_of = None if labels is None else self._labels_of
-        super().__init__(model, LensReduction(model, positions, None, k, None, labels_of))
+        super().__init__(model, LensReduction(model, positions, layers, k, None, labels_of))
         self.k = k
 
     def hooks(self, inputs: Any) -> list:

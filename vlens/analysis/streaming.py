@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Generic, Optional, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Generic, Optional, Sequence, TypeVar
 
 import pandas as pd
 import torch
@@ -245,8 +245,26 @@ class Stream(ABC, Generic[ResultT]):
         """The aggregate over every example accumulated."""
 
 
+def run_streams(model: "HookedVLM", inputs: Any, streams: Sequence[Stream], cache_names: Sequence[str] = ()) -> Any:
+    """One forward pass of ``inputs`` feeding every stream, each committed after it.
+
+    Returns a CPU cache of ``cache_names`` only (None when none is asked for), e.g. the few
+    attention patterns a view draws, so nothing else outlives its hook.
+    """
+    hooks = [h for stream in streams for h in stream.hooks(inputs)]
+    cache = None
+    with torch.no_grad(), model.hooks(hooks):
+        if cache_names:
+            _, cache = model.run_with_cache(inputs, names_filter=list(cache_names), device="cpu")
+        else:
+            model(inputs)
+    for stream in streams:
+        stream.commit()
+    return cache
+
+
 @typechecked
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, repr=False)
 class CurveStats(ShortRepr):
     """A per-layer curve averaged over examples.
 

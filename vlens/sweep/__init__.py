@@ -2,7 +2,8 @@
 
 A package rather than the single ``sweep.py`` DESIGN.md lists, because it is several
 responsibilities (analyses in streaming form, the shard store and provenance, the memory
-estimate, the runner, the summary, the command line), each a file.
+estimate, the runner, the summary), each a file. Its command line is ``vlens sweep``
+(``vlens/cli/sweep.py``), one command of the ``vlens`` tool like the others.
 
 Example:
     >>> from vlens import sweep
