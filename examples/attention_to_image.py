@@ -198,7 +198,7 @@ def main(argv: Optional[Sequence[str]] = None) -> AttentionFinding:
     first = model.prepare(scenes[0].image, qa.question, answer=qa.answer)
     with torch.no_grad():
         _, cache = model.run_with_cache(first, names_filter=va.attention.required_hooks(model))
-    recv = va.attention_to_image(cache, query="instruction").received
+    recv = va.attention_to_image(cache, query="instruction").row(0).received
     span, picture = first.layout.images[0][0], viz.model_view_image(first, model.processor)
     blocks = pick_layers(model.n_layers, 8)
     map_fig = viz.heatmap_grid([(f"block {b}", viz.span_values(recv[b], first.layout)) for b in blocks], span, picture,

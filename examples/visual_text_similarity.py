@@ -160,7 +160,7 @@ def main(argv: Optional[Sequence[str]] = None) -> SimilarityFinding:
     sim = va.modality_similarity(model, cache, against="text_states", text=TEXT)
     span = first.layout.images[0][0]
     heat = viz.image_heatmap(
-        viz.span_values(sim.per_token[-1], first.layout), span, viz.model_view_image(first, model.processor),
+        viz.span_values(sim.row(0).per_token[-1], first.layout), span, viz.model_view_image(first, model.processor),
         title=f"cos(visual token, {TEXT}) at layer {model.n_layers}", label="cosine",
     )
     common.finish(common.write_outputs(args.out, {"similarity_curves": frame},
