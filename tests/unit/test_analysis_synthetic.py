@@ -295,3 +295,26 @@ def test_results_are_frozen_and_shape_checked():
             image_positions=torch.arange(4),
             query_positions=torch.arange(2),
         )
+
+
+def test_results_keep_the_batch_axis_and_row_trims_the_padding():
+    one = va.attention_to_image(FakeCache(one_hot_patterns(key=3)))
+    assert one.batch_size == 1 and one.mass.shape == (1, N_LAYERS, HEADS)  # a batch of one keeps its axis
+    acts = {k: v.expand(2, -1, -1, -1).clone() for k, v in one_hot_patterns(key=3).items()}
+    two = va.attention_to_image(FakeCache(acts, rows=2))
+    ragged = va.AttentionResult(  # row 1 has 2 image tokens and 1 query, padded at the end
+        mass=two.mass,
+        received=torch.cat([two.received[:1], torch.cat([two.received[1:, :, :2], torch.full((1, N_LAYERS, 2), float("nan"))], -1)]),
+        image_positions=torch.tensor([IMAGE_POS, IMAGE_POS[:2] + [-1, -1]]),
+        query_positions=torch.tensor([INSTRUCTION_POS, INSTRUCTION_POS[:1] + [-1] * (len(INSTRUCTION_POS) - 1)]),
+    )
+    row = ragged.row(1)
+    assert row.received.shape == (N_LAYERS, 2) and not row.received.isnan().any()
+    assert row.image_positions.tolist() == IMAGE_POS[:2] and row.query_positions.tolist() == INSTRUCTION_POS[:1]
+    assert row.mass.shape == (N_LAYERS, HEADS) and torch.equal(ragged.row(0).image_positions, torch.tensor(IMAGE_POS))
+    with pytest.raises(AnalysisInputError, match="row 2 is out of range for a batch of 2"):
+        ragged.row(2)
+    with pytest.raises(AttributeError, match="no field 'masses'"):
+        row.masses
+    assert f"mass=(2, {N_LAYERS}, {HEADS}) float32" in repr(ragged)
+    assert "tensor(" not in repr(ragged)  # a short repr: shapes, not values
