@@ -172,18 +172,9 @@ def build_report(
         from vlens.errors import AnalysisInputError
 
         raise AnalysisInputError(f"the report covers one example; got a batch of {inputs.batch_size}")
-    pattern_layers = _pattern_layers(model, attention_layers)
+    pattern_layers = pattern_layers_for(model, attention_layers)
     say("forward pass with the streams attached (lens, similarity, attention) and the viewed patterns cached")
-    streams, hooks, results = _report_streams(model, inputs, lens_labels)
-    names = [f"blocks.{l}.attn.hook_pattern" for l in pattern_layers]
-    with torch.no_grad(), model.hooks(hooks):
-        _, cache = model.run_with_cache(inputs, names_filter=names, device="cpu")
-    for key, stream in streams.items():
-        try:
-            stream.commit()
-            results[key] = stream.last_batch
-        except Exception as err:  # one failing reduction must not lose the others
-            results[key] = err
+    results, cache = activation_analyses(model, inputs, lens_labels, pattern_layers)
     span = inputs.layout.images[0][0]
     ctx = _Context(
         model=model,
@@ -224,6 +215,29 @@ def build_report(
 # ---- sections ------------------------------------------------------------------------
 
 
+def activation_analyses(
+    model: Any, inputs: Any, lens_labels: Optional[list], pattern_layers: Sequence[int]
+) -> tuple[dict[str, Any], Any]:
+    """The report's one forward pass: the lens, similarity and attention streams attached
+    (each reduces every layer in its hook), and a CPU cache of only the attention patterns of
+    ``pattern_layers``, which the CircuitsVis view draws.
+
+    Returns:
+        ``(results, cache)``: stream name -> its per-example result (or the error it raised).
+    """
+    streams, hooks, results = _report_streams(model, inputs, lens_labels)
+    names = [f"blocks.{l}.attn.hook_pattern" for l in pattern_layers]
+    with torch.no_grad(), model.hooks(hooks):
+        _, cache = model.run_with_cache(inputs, names_filter=names, device="cpu")
+    for key, stream in streams.items():
+        try:
+            stream.commit()
+            results[key] = stream.last_batch
+        except Exception as err:  # one failing reduction must not lose the others
+            results[key] = err
+    return results, cache
+
+
 def _report_streams(model: Any, inputs: Any, lens_labels: Optional[list]) -> tuple[dict[str, Any], list, dict[str, Any]]:
     """The streams of the report's activation analyses and their hooks for ``inputs``; one
     that cannot start (a bad position, say) is an error result instead."""
@@ -251,7 +265,7 @@ def _report_streams(model: Any, inputs: Any, lens_labels: Optional[list]) -> tup
     return streams, hooks, results
 
 
-def _pattern_layers(model: Any, attention_layers: Optional[Sequence[int]]) -> list[int]:
+def pattern_layers_for(model: Any, attention_layers: Optional[Sequence[int]]) -> list[int]:
     """The blocks the CircuitsVis view shows: every block of a small model; else first, middle
     and last when heads are few, and only the middle block (where text reads the image) when
     they are many, so the view's window stays wide enough to be useful (see
