@@ -34,6 +34,8 @@ if TYPE_CHECKING:
 
 Word = Union[str, int]
 LabelsFn = Callable[[Any, int], Tensor]
+LENS_CHUNK_ELEMENTS = 1 << 22
+"""At most this many logits (16 MiB in float32) are held at once per reduction."""
 
 
 def required_hooks(model: "HookedVLM") -> list[str]:
@@ -231,6 +233,7 @@ class LensReduction(Reduction[LensResult]):
         names = resid_hooks(model.n_layers)
         self.names = [names[l] for l in self.layers]
         self._norm, self._unembed = fp32_final_norm(model), fp32_unembed(model)
+        self._vocab_size = int(model.W_U.shape[-1])
 
     def context(self, layout: "TokenLayout", row: int, input_ids: Optional[Tensor]) -> _Row:
         pos = row_positions(layout, self.positions, row)
@@ -239,7 +242,16 @@ class LensReduction(Reduction[LensResult]):
         return _Row(pos, labels)
 
     def reduce(self, index: int, resid: Tensor, ctx: _Row) -> tuple[Tensor, ...]:
-        logprobs = torch.log_softmax(self._unembed(self._norm(resid[ctx.pos.to(resid.device)])), dim=-1)
+        # Positions in chunks: a [pos, vocab] float32 distribution of 576 image tokens over a
+        # 32,000-word vocabulary is 74 MB, and a stream must not hold that per hook.
+        states = resid[ctx.pos.to(resid.device)]
+        vocab = int(self._vocab_size)
+        step = max(1, LENS_CHUNK_ELEMENTS // vocab)
+        pieces = [self._reduce_chunk(states[start : start + step]) for start in range(0, states.shape[0], step)]
+        return tuple(torch.cat([p[i] for p in pieces]) for i in range(len(pieces[0])))
+
+    def _reduce_chunk(self, states: Tensor) -> tuple[Tensor, ...]:
+        logprobs = torch.log_softmax(self._unembed(self._norm(states)), dim=-1)
         top = logprobs.topk(self.k, dim=-1)
         if self.word_ids is None:
             return top.indices.cpu(), top.values.cpu()
