@@ -130,7 +130,7 @@ def route_layer_cache(bridge: torch.nn.Module) -> int:
     one that keeps ``AttentionBridge.forward`` hands every argument to the Hugging Face module,
     which reads the name its own transformers uses. Under a transformers that passes ``cache``,
     a pre-hook on each component of the first kind renames it. Components vlens defines
-    itself (the Q-Former bridge) receive no cache. Returns how many components were hooked.
+    itself (the query-connector bridge of ``vlens/adapters``) receive no cache. Returns how many components were hooked.
     """
     from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
 
@@ -173,7 +173,7 @@ def _probe_layer_cache(model: Any) -> Optional[str]:
     embeds = model.hf_model.get_input_embeddings()(ids)
     with torch.no_grad():
         _, cache = model.run_language_model(
-            embeds, attention_mask=torch.ones_like(ids), position_ids=torch.arange(2, device=model.device)[None],
+            embeds, model.adapter.text_positions(2, model.device)[None], attention_mask=torch.ones_like(ids),
             use_cache=True,
         )
     versions = ", ".join(f"{t.package} {installed_version(t.package)}" for t in TESTED)
