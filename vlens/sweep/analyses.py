@@ -422,7 +422,7 @@ class TokenCountCurve(SweepAnalysis):
                 losses = _nan_list(len(counts))
                 if answer.numel():
                     if embeds is None:
-                        embeds = model.input_embeddings(batch.inputs)
+                        embeds = model.input_embeddings(batch.inputs).embeds
                     length = int(layout.lengths[r])
                     ids = batch.inputs.input_ids[r]
                     is_img = layout.image_mask[r, :length]
