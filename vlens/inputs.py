@@ -22,7 +22,7 @@ class VLMInputs:
         attention_mask: 1 at real tokens, 0 at padding (right side only).
         pixel_values: The processor's image tensor (None for a text-only batch).
         extras: Every other tensor the Hugging Face forward takes for this family
-            (``image_sizes``, ``token_type_ids``, ``qformer_input_ids``, ...).
+            (the adapter's ``model_input_names``: image sizes, token types, ...).
         layout: Where the image, prompt and answer tokens are.
         images: The RGB images of each row, kept so analyses can re-prepare variants.
         prompts: The prompts as given (before the chat template).
