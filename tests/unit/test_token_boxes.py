@@ -171,3 +171,17 @@ def test_scene_geometry_by_hand(adapter):
     }[adapter.family]
     g = adapter.scene_geometry()
     assert (g.image_size, g.patch_size, g.token_grid) == expected
+
+
+def test_model_view_is_the_region_the_whole_image_grid_covers(adapter):
+    """Resizing and tiled families see the whole image on their base or global grid; query
+    tokens (no boxes) keep the processed pixels, on whose patch grid their attention lies."""
+    photo = make_photo(61, 43)
+    inputs = prepare_batch(adapter, photo, PROMPT, None, True)
+    view = model_view_image(inputs, adapter.processor)
+    if adapter.family == "blip2":
+        assert view.size == tuple(inputs.pixel_values.shape[-1:-3:-1])
+    elif adapter.family == "llava":
+        assert view.size == (44, 43)  # the central square, as in test_llava_centre_crop_boxes_by_hand
+    else:
+        assert view is photo
