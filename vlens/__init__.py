@@ -11,5 +11,12 @@ __version__ = "0.1.0"
 warn_untested_versions()
 
 __all__ = [
-    "Generation", "HookedVLM", "ImageSpan", "LanguageModelInputs", "TokenLayout", "VLMCache", "VLMInputs", "__version__",
+    "Generation",
+    "HookedVLM",
+    "ImageSpan",
+    "LanguageModelInputs",
+    "TokenLayout",
+    "VLMCache",
+    "VLMInputs",
+    "__version__",
 ]

@@ -18,10 +18,13 @@ import importlib.metadata
 import inspect
 import warnings
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from packaging.version import Version
+
+if TYPE_CHECKING:
+    from vlens.model import HookedVLM
 
 
 @dataclass(frozen=True)
@@ -153,7 +156,7 @@ def _rename_cache_argument(module: torch.nn.Module, args: tuple, kwargs: dict) -
     return args, kwargs
 
 
-def layer_cache_problem(model: Any) -> Optional[str]:
+def layer_cache_problem(model: "HookedVLM") -> Optional[str]:
     """Why the language model's key/value cache is unusable, or None when it works.
 
     Runs the language model once on two text-token embeddings with ``use_cache=True`` and
@@ -168,7 +171,7 @@ def layer_cache_problem(model: Any) -> Optional[str]:
     return problem
 
 
-def _probe_layer_cache(model: Any) -> Optional[str]:
+def _probe_layer_cache(model: "HookedVLM") -> Optional[str]:
     ids = torch.zeros(1, 2, dtype=torch.long, device=model.device)  # any two text tokens will do
     embeds = model.hf_model.get_input_embeddings()(ids)
     with torch.no_grad():

@@ -216,7 +216,8 @@ def lm_logits(
     if positions is None:
         positions = reduced_positions(tiny, embeds, per_token)
     mask = torch.ones(embeds.shape[:2], dtype=torch.long)
-    return lm_target(tiny)(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, **(per_token or {})).logits
+    target = lm_target(tiny)
+    return target(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, **(per_token or {})).logits
 
 
 def answer_ce(logits: torch.Tensor, ids: torch.Tensor, answer: torch.Tensor, kept: torch.Tensor) -> float:

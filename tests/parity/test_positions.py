@@ -48,7 +48,8 @@ def test_positions_after_removal_equal_hfs_own_numbering(tiny, photo):
         keep = torch.ones(n, dtype=torch.bool)
         keep[removed] = False
         ours = tiny.model.adapter.positions_after_removal(lm.position_ids[0, ..., :n], keep)
-        theirs = ref.reduced_positions(tiny, embeds[:, :n][:, keep], {k: v[:, :n][:, keep] for k, v in per_token.items()})
+        kept_per_token = {k: v[:, :n][:, keep] for k, v in per_token.items()}
+        theirs = ref.reduced_positions(tiny, embeds[:, :n][:, keep], kept_per_token)
         assert torch.equal(ours, theirs[0]), label
         # The kv engine's suffix from the first removed position c on continues HF's numbering.
         c = int(removed[0])

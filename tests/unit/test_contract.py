@@ -54,7 +54,7 @@ def test_an_unstated_attribute_raises_naming_family_and_fact(fact):
 @pytest.mark.parametrize(
     "fact, call",
     [
-        ("positions_after_removal", lambda a: a.positions_after_removal(torch.arange(3), torch.ones(3, dtype=torch.bool))),
+        ("positions_after_removal", lambda a: a.positions_after_removal(torch.arange(3), torch.ones(3).bool())),
         ("text_positions", lambda a: a.text_positions(2, torch.device("cpu"))),
         ("positions_source", lambda a: a.positions_source(torch.nn.Linear(1, 1))),
         ("read_positions", lambda a: a.read_positions((), {}, 1)),

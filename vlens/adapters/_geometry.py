@@ -151,6 +151,8 @@ def clip_style_frame(image_processor: Any, width: int, height: int, family: str)
         crop = image_processor.crop_size
         crop_h, crop_w = size_get(crop, "height"), size_get(crop, "width")
         if crop_h is None or crop_w is None:
-            raise UnsupportedArchitectureError(f"{family}: the image processor's crop_size {crop!r} has no height/width")
+            raise UnsupportedArchitectureError(
+                f"{family}: the image processor's crop_size {crop!r} has no height and width"
+            )
         frame = center_crop(frame, crop_h, crop_w, image_processor)
     return frame

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import replace
-from typing import Any, ClassVar, Optional, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Optional, Sequence
 
 import PIL.Image
 import torch
@@ -25,6 +25,10 @@ from vlens._compat import cache_argument, output_cache
 from vlens.adapters.contract import FACTS, SceneGeometry, Unstated, unstated
 from vlens.errors import PromptError, UnsupportedArchitectureError
 from vlens.layout import ImageSpan, TokenLayout, assemble_layout
+
+if TYPE_CHECKING:
+    from vlens.inputs import VLMInputs
+    from vlens.model import HookedVLM
 
 
 class VisionPrefixAdapter(ABC):
@@ -191,7 +195,7 @@ class VisionPrefixAdapter(ABC):
         text (InstructBLIP's Q-Former) overrides it so the connector reads the prompt only."""
         return self.process(images, texts)
 
-    def enrich_layout(self, model: Any, inputs: Any) -> TokenLayout:
+    def enrich_layout(self, model: "HookedVLM", inputs: "VLMInputs") -> TokenLayout:
         """The layout of ``inputs`` completed with facts that need the model (called by
         ``HookedVLM.prepare`` when ``layout_needs_model``). Default: unchanged."""
         return inputs.layout
@@ -254,7 +258,9 @@ class VisionPrefixAdapter(ABC):
     tokens change (the token-removal ``kv`` engine relies on it). False for a language model
     whose image tokens attend to later ones (bidirectionally within an image)."""
 
-    def positions_after_removal(self, positions: Int[Tensor, "*axes pos"], keep: Bool[Tensor, "pos"]) -> Int[Tensor, "*axes n"]:
+    def positions_after_removal(
+        self, positions: Int[Tensor, "*axes pos"], keep: Bool[Tensor, "pos"]
+    ) -> Int[Tensor, "*axes n"]:
         """Position ids of one row with only the ``keep`` positions left, given the positions
         the model gave the full row; ``[n]`` (1-D) or ``[axes, n]`` (multi-axis rotary). Its
         suffix ``[..., c:]`` is what the kept tokens from the c-th on get after a reused prefix."""

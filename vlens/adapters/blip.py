@@ -50,6 +50,7 @@ from vlens.layout import ImageSpan, TokenLayout, contiguous_runs
 
 if TYPE_CHECKING:
     from vlens.inputs import VLMInputs
+    from vlens.model import HookedVLM
 
 _qformer_bridge.register()
 
@@ -188,7 +189,7 @@ class Blip2Adapter(SequentialPositions, VisionPrefixAdapter):
         """The text the Q-Former read for one row (None: BLIP-2's Q-Former reads none)."""
         return None
 
-    def enrich_layout(self, model: Any, inputs: "VLMInputs") -> TokenLayout:
+    def enrich_layout(self, model: "HookedVLM", inputs: "VLMInputs") -> TokenLayout:
         """Add each span's ``query_attention``: the queries' cross-attention over the patch
         grid (CLS dropped), averaged over the Q-Former's cross-attention layers and heads."""
         attn = self.query_attention(model, inputs)  # [batch, query, rows, cols]
@@ -198,7 +199,7 @@ class Blip2Adapter(SequentialPositions, VisionPrefixAdapter):
         )
         return replace(inputs.layout, images=images)
 
-    def query_attention(self, model: Any, inputs: "VLMInputs") -> torch.Tensor:
+    def query_attention(self, model: "HookedVLM", inputs: "VLMInputs") -> torch.Tensor:
         """Cross-attention of each query over the patch grid, ``[batch, query, rows, cols]``.
 
         Runs the vision encoder and the Q-Former only, capturing the cross-attention
