@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence, TypeVar
 
 import numpy as np
-import PIL.Image
 import torch
 
 from vlens import HookedVLM
@@ -66,39 +65,22 @@ def load_model(args: argparse.Namespace) -> HookedVLM:
 # ---- scenes on the model's grid -----------------------------------------------------------
 
 
-def native_side(model: HookedVLM) -> int:
-    """The side in pixels the model's image processor feeds the vision tower (64 if unknown)."""
-    ip = getattr(model.processor, "image_processor", None)
-    for attr, key in (("crop_size", "height"), ("size", "height"), ("size", "shortest_edge")):
-        value = getattr(ip, attr, None)
-        side = value.get(key) if isinstance(value, dict) else getattr(value, key, None)
-        if isinstance(side, int) and side > 0:
-            return side
-    return 64
-
-
 def image_grid(model: HookedVLM) -> Optional[tuple[int, int]]:
-    """(rows, cols) of the whole image's token grid, None for Q-Former (query) tokens."""
-    side = native_side(model)
-    probe = PIL.Image.new("RGB", (side, side), (128, 128, 128))
-    spans = model.prepare(probe, "describe the image .").layout.images[0]
-    return spans[0].grid
+    """(rows, cols) of the whole image's token grid, None for query tokens (no grid): the
+    family adapter's scene geometry."""
+    return model.adapter.scene_geometry().token_grid
 
 
 def scene_geometry(model: HookedVLM) -> tuple[int, int]:
-    """(image_size, patch_size) of scenes whose label grid is the model's token grid.
+    """(image_size, patch_size) of scenes whose label grid is the model's token grid, as the
+    family adapter states it (``adapter.scene_geometry()``).
 
     The toy model: 64 px, 8 px patches (its training distribution). LLaVA-1.5 (336 px,
-    24x24 tokens): 336 px, 14 px patches. Models without a grid: the toy geometry.
+    24x24 tokens): 336 px, 14 px patches. Models without a grid: the vision tower's size and
+    patch (the grid their query tokens' attention is drawn on).
     """
-    grid = image_grid(model)
-    if grid is None:
-        return 64, 8
-    rows, cols = grid
-    if rows != cols:
-        raise ValueError(f"the examples draw square scenes; this model's image grid is {rows}x{cols}")
-    patch = max(1, round(native_side(model) / rows))
-    return rows * patch, patch
+    geometry = model.adapter.scene_geometry()
+    return geometry.image_size, geometry.patch_size
 
 
 def heldout_scenes(model: HookedVLM, n: int, seed: int = STREAM_SEED) -> list[Scene]:

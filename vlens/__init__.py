@@ -2,7 +2,7 @@
 
 from vlens._compat import warn_untested_versions
 from vlens.cache import VLMCache
-from vlens.inputs import VLMInputs
+from vlens.inputs import LanguageModelInputs, VLMInputs
 from vlens.layout import ImageSpan, TokenLayout
 from vlens.model import Generation, HookedVLM
 
@@ -10,4 +10,13 @@ __version__ = "0.1.0"
 
 warn_untested_versions()
 
-__all__ = ["Generation", "HookedVLM", "ImageSpan", "TokenLayout", "VLMCache", "VLMInputs", "__version__"]
+__all__ = [
+    "Generation",
+    "HookedVLM",
+    "ImageSpan",
+    "LanguageModelInputs",
+    "TokenLayout",
+    "VLMCache",
+    "VLMInputs",
+    "__version__",
+]

@@ -18,10 +18,13 @@ import importlib.metadata
 import inspect
 import warnings
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from packaging.version import Version
+
+if TYPE_CHECKING:
+    from vlens.model import HookedVLM
 
 
 @dataclass(frozen=True)
@@ -130,7 +133,7 @@ def route_layer_cache(bridge: torch.nn.Module) -> int:
     one that keeps ``AttentionBridge.forward`` hands every argument to the Hugging Face module,
     which reads the name its own transformers uses. Under a transformers that passes ``cache``,
     a pre-hook on each component of the first kind renames it. Components vlens defines
-    itself (the Q-Former bridge) receive no cache. Returns how many components were hooked.
+    itself (the query-connector bridge of ``vlens/adapters``) receive no cache. Returns how many components were hooked.
     """
     from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
 
@@ -153,7 +156,7 @@ def _rename_cache_argument(module: torch.nn.Module, args: tuple, kwargs: dict) -
     return args, kwargs
 
 
-def layer_cache_problem(model: Any) -> Optional[str]:
+def layer_cache_problem(model: "HookedVLM") -> Optional[str]:
     """Why the language model's key/value cache is unusable, or None when it works.
 
     Runs the language model once on two text-token embeddings with ``use_cache=True`` and
@@ -168,12 +171,12 @@ def layer_cache_problem(model: Any) -> Optional[str]:
     return problem
 
 
-def _probe_layer_cache(model: Any) -> Optional[str]:
+def _probe_layer_cache(model: "HookedVLM") -> Optional[str]:
     ids = torch.zeros(1, 2, dtype=torch.long, device=model.device)  # any two text tokens will do
     embeds = model.hf_model.get_input_embeddings()(ids)
     with torch.no_grad():
         _, cache = model.run_language_model(
-            embeds, attention_mask=torch.ones_like(ids), position_ids=torch.arange(2, device=model.device)[None],
+            embeds, model.adapter.text_positions(2, model.device)[None], attention_mask=torch.ones_like(ids),
             use_cache=True,
         )
     versions = ", ".join(f"{t.package} {installed_version(t.package)}" for t in TESTED)

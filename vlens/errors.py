@@ -19,6 +19,11 @@ class UnsupportedArchitectureError(VLensError, ValueError):
     """The checkpoint's architecture or one of its settings is not handled."""
 
 
+class UnstatedFactError(UnsupportedArchitectureError, NotImplementedError):
+    """A family adapter does not state a fact of its family that vlens needs (see
+    ``vlens.adapters.contract``): vlens refuses rather than assume a default."""
+
+
 class CheckpointNotFoundError(VLensError, FileNotFoundError):
     """A local checkpoint folder is missing or does not hold a loadable model."""
 

@@ -22,7 +22,7 @@ class VLMInputs:
         attention_mask: 1 at real tokens, 0 at padding (right side only).
         pixel_values: The processor's image tensor (None for a text-only batch).
         extras: Every other tensor the Hugging Face forward takes for this family
-            (``image_sizes``, ``token_type_ids``, ``qformer_input_ids``, ...).
+            (the adapter's ``model_input_names``: image sizes, token types, ...).
         layout: Where the image, prompt and answer tokens are.
         images: The RGB images of each row, kept so analyses can re-prepare variants.
         prompts: The prompts as given (before the chat template).
@@ -68,3 +68,31 @@ class VLMInputs:
             pixel_values=None if self.pixel_values is None else move(self.pixel_values),
             extras={k: move(v) for k, v in self.extras.items()},
         )
+
+
+@dataclass(frozen=True, eq=False)
+class LanguageModelInputs:
+    """What the language model alone needs to re-run a batch, or a subset of its positions.
+
+    From ``HookedVLM.input_embeddings``: captured in the model's own forward pass, so the
+    embeddings are those with the image features merged in and the positions are the ones
+    the model computed, not a rule vlens assumes.
+
+    Attributes:
+        embeds: The merged input embeddings the language model receives, model dtype.
+        position_ids: The position ids it gave each token, batch axis first: ``[batch, pos]``,
+            or ``[batch, axes, pos]`` for a multi-axis rotary family. Padding positions hold
+            whatever the model gave them.
+        attention_mask: 1 at real tokens, 0 at padding.
+        extras: The family's per-token inputs (``adapter.per_token_inputs``), ``[batch, pos]``
+            each, on the embeddings' device.
+    """
+
+    embeds: Float[Tensor, "batch pos d_model"]
+    position_ids: Int[Tensor, "batch *axes pos"]
+    attention_mask: Int[Tensor, "batch pos"]
+    extras: dict[str, Tensor]
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.embeds.shape[0])

@@ -11,9 +11,12 @@ Conventions:
       position is the same whether its example is run alone or in a batch.
     * ``tile`` numbers the sub-images of an image: ``0`` is the whole (base or global)
       image, ``1..T`` are high-resolution crops in row-major order, ``-1`` marks a
-      separator token the vision stack inserts (LLaVA-NeXT's ``image_newline``).
+      separator token the vision stack inserts (e.g. a newline token after each grid row).
     * ``row_col`` is a token's (row, column) in its own tile's grid, ``-1`` where a
-      token has no place on a grid (separators, CLS tokens, Q-Former query tokens).
+      token has no place on a grid (separators, CLS tokens, query tokens of a connector
+      that makes a fixed number of learned queries).
+    * ``boxes`` is each token's pixel box on the input image, as the family adapter states
+      it (``VisionPrefixAdapter.token_boxes``), NaN where a token covers no region.
 """
 
 from __future__ import annotations
@@ -38,13 +41,18 @@ class ImageSpan:
         tile: Sub-image of each token (see the module docstring).
         row_col: (row, column) of each token in its tile's grid, -1 where none.
         tile_grids: Grid shape (rows, cols) of each tile id present; empty for
-            Q-Former images, whose query tokens have no grid.
+            query-token images, whose tokens have no grid.
         labels: Readable label of each token, e.g. ``"<img 3,4>"`` or ``"<q 7>"``.
-        query_attention: For Q-Former images, where each query token looks: its
-            cross-attention over the vision encoder's patch grid, averaged over
-            Q-Former layers and heads, ``[n, rows, cols]``. None otherwise.
-        qformer_text: For InstructBLIP, the instruction text its Q-Former read (so
-            these visual tokens depend on it). None where the connector reads no text.
+        query_attention: For query-token images, where each query token looks: its
+            cross-attention over the vision encoder's patch grid, averaged over the
+            connector's layers and heads, ``[n, rows, cols]``. None otherwise.
+        connector_text: The instruction text the connector read, for a connector that
+            reads one (so these visual tokens depend on it). None where it reads no text.
+        query_label: What figures call this span's tokens when they have no grid (the
+            family's name for its query tokens); None for "query tokens".
+        boxes: Each token's pixel box (x0, y0, x1, y1) on the input image, NaN where it
+            covers none (``HookedVLM.prepare`` fills it from the family adapter); None
+            for a span built without an image.
     """
 
     image_index: int
@@ -54,7 +62,9 @@ class ImageSpan:
     tile_grids: dict[int, tuple[int, int]]
     labels: tuple[str, ...]
     query_attention: Optional[Float[Tensor, "n rows cols"]] = None
-    qformer_text: Optional[str] = None
+    connector_text: Optional[str] = None
+    query_label: Optional[str] = None
+    boxes: Optional[Float[Tensor, "n 4"]] = None
 
     def __post_init__(self) -> None:
         n = self.positions.shape[0]
@@ -63,6 +73,8 @@ class ImageSpan:
                 f"ImageSpan fields disagree in length: positions {n}, tile {self.tile.shape[0]}, "
                 f"row_col {self.row_col.shape[0]}, labels {len(self.labels)}"
             )
+        if self.boxes is not None and tuple(self.boxes.shape) != (n, 4):
+            raise ValueError(f"ImageSpan.boxes must be [{n}, 4], got {tuple(self.boxes.shape)}")
 
     @property
     def n_tokens(self) -> int:
@@ -74,6 +86,11 @@ class ImageSpan:
         return self.tile_grids.get(0)
 
     @property
+    def tokens_name(self) -> str:
+        """What figures call tokens of this span that have no grid (see ``query_label``)."""
+        return self.query_label or "query tokens"
+
+    @property
     def on_grid(self) -> Bool[Tensor, "n"]:
         """Tokens of tile 0 that sit on its grid (the ones a heatmap of the image shows)."""
         return (self.tile == 0) & (self.row_col[:, 0] >= 0)
@@ -82,7 +99,7 @@ class ImageSpan:
         """Lay one value per token of this span out on the image's patch grid.
 
         For grid images, the tile-0 tokens are placed at their (row, col); cells no
-        token covers are NaN. For Q-Former images each query token's value is spread
+        token covers are NaN. For query-token images each query token's value is spread
         over the patches it attends to (``query_attention``), so the map shows where
         on the image the value lives: ``sum_k values[k] * attn[k] / sum_k attn[k]``.
 
@@ -116,8 +133,8 @@ class TokenLayout:
         attention_mask: True at real (non-padding) tokens.
         image_mask: True at every token the vision stack produced (the image
             placeholder positions, separators included).
-        marker_mask: True at text tokens that only delimit images (e.g. Gemma3's
-            ``<start_of_image>``, Idefics3's ``<fake_token_around_image>``).
+        marker_mask: True at text tokens that only delimit images (start- and
+            end-of-image markers, crop tags; the adapter's ``marker_ids``).
         prefix_mask: Text before the first image (system prompt, ``USER:``).
         instruction_mask: Text after the last image, up to the answer.
         answer_mask: The answer's tokens (all False when no answer was given).

@@ -26,7 +26,7 @@ from vlens.adapters import VisionPrefixAdapter, adapter_for
 from vlens.cache import VLMCache
 from vlens.errors import HookNameError
 from vlens.hooks import HookIndex, NamesFilter, stage_of
-from vlens.inputs import VLMInputs
+from vlens.inputs import LanguageModelInputs, VLMInputs
 from vlens.loading import (
     load_config,
     load_hf_model,
@@ -369,43 +369,65 @@ class HookedVLM:
 
     # ---- the language model on embeddings -------------------------------------------
 
-    def input_embeddings(self, inputs: VLMInputs) -> Float[Tensor, "batch pos d_model"]:
-        """The embeddings the language model receives: text-token embeddings with the
-        image features in place of the placeholders (HF's merged ``inputs_embeds``).
+    def input_embeddings(self, inputs: VLMInputs) -> LanguageModelInputs:
+        """What the language model receives in this batch's forward pass, to re-run it alone.
 
-        Runs the vision stack and stops before the language model's first layer. Feed
-        the result (or a subset of its positions) to :meth:`run_language_model`.
+        Runs the vision stack and the language model's preamble, and stops before its first
+        layer. The embeddings are the text-token embeddings with the image features in place
+        of the placeholders (Hugging Face's merged ``inputs_embeds``); the positions are the
+        ones the model computed for itself, read where the adapter states
+        (``adapter.positions_source``); the extras are the family's per-token inputs. Feed
+        them (or a subset of their positions, with ``adapter.positions_after_removal``) to
+        :meth:`run_language_model`.
         """
-        module = self.adapter.language_model(self.hf_model)
+        adapter = self.adapter
+        module = adapter.language_model(self.hf_model)
+        source = adapter.positions_source(self.hf_model)
         captured: dict[str, Tensor] = {}
 
-        def grab(_module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        def grab_embeds(_module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
             embeds = kwargs.get("inputs_embeds")
             if embeds is None:
                 raise RuntimeError(
-                    f"{type(_module).__name__} was called without inputs_embeds; the {self.adapter.family} "
+                    f"{type(_module).__name__} was called without inputs_embeds; the {adapter.family} "
                     "adapter must override language_model() to name the module that receives them"
                 )
             captured["embeds"] = embeds.detach()
-            raise _StopForward
 
-        handle = module.register_forward_pre_hook(grab, with_kwargs=True)
+        def grab_positions(_module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            captured["positions"] = adapter.read_positions(args, kwargs, inputs.batch_size).detach()
+            raise _StopForward  # the layers themselves are not needed
+
+        handles = [
+            module.register_forward_pre_hook(grab_embeds, with_kwargs=True),
+            source.register_forward_pre_hook(grab_positions, with_kwargs=True),
+        ]
         try:
             with torch.no_grad():
                 self.forward(inputs)
         except _StopForward:
             pass
         finally:
-            handle.remove()
-        if "embeds" not in captured:
-            raise RuntimeError(f"the language model ({type(module).__name__}) never ran in the forward pass")
-        return captured["embeds"]
+            for handle in handles:
+                handle.remove()
+        if "embeds" not in captured or "positions" not in captured:
+            raise RuntimeError(
+                f"the language model ({type(module).__name__}) never reached {type(source).__name__}, where the "
+                f"{adapter.family} adapter reads its positions, in the forward pass"
+            )
+        embeds = captured["embeds"]
+        return LanguageModelInputs(
+            embeds=embeds,
+            position_ids=captured["positions"].to(embeds.device),
+            attention_mask=inputs.attention_mask.to(embeds.device),
+            extras={name: inputs.extras[name].to(embeds.device) for name in adapter.per_token_inputs},
+        )
 
     def run_language_model(
         self,
         inputs_embeds: Float[Tensor, "batch pos d_model"],
+        position_ids: Int[Tensor, "batch *axes pos"],
         attention_mask: Optional[Int[Tensor, "batch kv_pos"]] = None,
-        position_ids: Optional[Int[Tensor, "batch pos"]] = None,
         past_key_values: Any = None,
         use_cache: bool = False,
         logits_to_keep: Optional[Int[Tensor, "keep"]] = None,
@@ -415,19 +437,27 @@ class HookedVLM:
 
         Args:
             inputs_embeds: E.g. a subset of :meth:`input_embeddings`' positions.
+            position_ids: Position of each new token, from the family contract: the
+                positions :meth:`input_embeddings` returns, those
+                ``adapter.positions_after_removal`` gives a shortened row (or their suffix
+                after a cache), or ``adapter.text_positions`` for plain text. Required:
+                vlens never lets the model number a subset itself.
             attention_mask: 1 for keys to attend to, 0 for keys to hide, over the cached
                 positions followed by the new ones (``[batch, past + pos]``).
-            position_ids: Position of each new token (default ``past + arange(pos)``);
-                removing tokens and renumbering is done through these.
             past_key_values: A Hugging Face cache of earlier positions.
             use_cache: Return the updated cache.
             logits_to_keep: Indices of the positions whose logits to compute (default all).
-            extras: The family's per-token inputs (``adapter.per_token_inputs``, e.g.
-                Gemma3's ``token_type_ids``) for these positions.
+            extras: The family's per-token inputs (``adapter.per_token_inputs``) for these
+                positions.
 
         Returns:
             The logits and the key/value cache (None unless ``use_cache``).
         """
+        if position_ids is None:
+            raise TypeError(
+                "run_language_model needs position_ids: take them from model.input_embeddings(inputs).position_ids "
+                "or model.adapter.positions_after_removal / text_positions"
+            )
         return self.adapter.run_language_model(
             self.hf_model,
             inputs_embeds.to(self.dtype),

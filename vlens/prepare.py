@@ -94,7 +94,7 @@ def prepare_batch(
                 continue
             answer_start[row] = _answer_start(batch, prompt_batch, row, ans)
     _warn_unknown_words(adapter.tokenizer, batch, rows_prompts, rows_answers)
-    layout = adapter.build_layout(batch, answer_start)
+    layout = adapter.with_token_boxes(adapter.build_layout(batch, answer_start), rows_images)
     extras = adapter.model_extras(batch)
     return VLMInputs(
         input_ids=batch["input_ids"],

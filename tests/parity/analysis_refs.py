@@ -2,8 +2,9 @@
 
 Every function here reads only the reference (a second, un-hooked copy loaded with
 eager attention) and the token ids: HF's ``hidden_states`` and ``attentions``, its own
-final norm and head, and a plain loop of full forwards over ``inputs_embeds``. Nothing
-here calls vlens's analysis code.
+final norm and head, the position ids its own forward computes, and a plain loop of full
+forwards over ``inputs_embeds``. Nothing here calls vlens's analysis code or the family
+adapters' contract (``positions_after_removal`` and the rest are what these check).
 """
 
 from __future__ import annotations
@@ -31,10 +32,13 @@ class Family:
         reads_prompt: Whether the connector reads the instruction (so image-token
             states depend on the prompt).
         per_token: Inputs the forward takes one per token (Gemma3's token types).
+        adapter: The vlens family (``VisionPrefixAdapter.family``) the checkpoint is; the
+            registry test ties this table to the adapter registry.
     """
 
     module: str
     builder: str
+    adapter: str
     kwargs: dict = field(default_factory=dict)
     lm_attr: Optional[str] = None
     reads_prompt: bool = False
@@ -42,13 +46,13 @@ class Family:
 
 
 FAMILIES = {
-    "llava": Family("llava", "build_llava"),
-    "llava_siglip": Family("llava", "build_llava", {"tower": "siglip"}),
-    "llava_next": Family("llava_next", "build_llava_next"),
-    "idefics3": Family("idefics3", "build_idefics3"),
-    "blip2": Family("blip", "build_blip2", lm_attr="language_model"),
-    "instructblip": Family("blip", "build_instructblip", lm_attr="language_model", reads_prompt=True),
-    "gemma3": Family("gemma3", "build_gemma3", per_token=("token_type_ids",)),
+    "llava": Family("llava", "build_llava", "llava"),
+    "llava_siglip": Family("llava", "build_llava", "llava", {"tower": "siglip"}),
+    "llava_next": Family("llava_next", "build_llava_next", "llava_next"),
+    "idefics3": Family("idefics3", "build_idefics3", "idefics3"),
+    "blip2": Family("blip", "build_blip2", "blip2", lm_attr="language_model"),
+    "instructblip": Family("blip", "build_instructblip", "instructblip", lm_attr="language_model", reads_prompt=True),
+    "gemma3": Family("gemma3", "build_gemma3", "gemma3", per_token=("token_type_ids",)),
 }
 
 
@@ -145,12 +149,75 @@ def merged_embeddings(reference: torch.nn.Module, inputs: VLMInputs) -> torch.Te
     return captured["e"]
 
 
-def lm_logits(tiny: Tiny, embeds: torch.Tensor, per_token: Optional[dict] = None) -> torch.Tensor:
-    """Logits of a plain full forward of the reference's language model on ``embeds`` [1, n, d]
-    (with the family's per-token inputs for those positions)."""
-    target = getattr(tiny.reference, tiny.family.lm_attr) if tiny.family.lm_attr else tiny.reference
+def lm_target(tiny: Tiny) -> torch.nn.Module:
+    """The reference module that runs the language model on ``inputs_embeds``."""
+    return getattr(tiny.reference, tiny.family.lm_attr) if tiny.family.lm_attr else tiny.reference
+
+
+class _Stop(Exception):
+    pass
+
+
+def _positions_reaching_layer_0(tiny: Tiny, run: Callable[[], Any]) -> torch.Tensor:
+    """The ``position_ids`` the reference hands its first decoder layer while ``run()``
+    runs it (Hugging Face passes every layer the positions it computed), ``[batch, pos]``."""
+    captured = {}
+
+    def grab(_m, _args, kwargs):
+        captured["p"] = kwargs["position_ids"].detach()
+        raise _Stop
+
+    handle = decoder_layers(tiny.reference, tiny.model.n_layers)[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            run()
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return captured["p"]
+
+
+def full_positions(tiny: Tiny, inputs: VLMInputs) -> torch.Tensor:
+    """The positions the reference's own forward gives the batch's tokens, ``[batch, pos]``."""
+    positions = _positions_reaching_layer_0(tiny, lambda: tiny.reference(**inputs.model_kwargs()))
+    return positions.expand(inputs.batch_size, -1)
+
+
+def reduced_positions(tiny: Tiny, embeds: torch.Tensor, per_token: Optional[dict] = None) -> torch.Tensor:
+    """The positions Hugging Face gives a sequence of these embeddings ``[1, n, d]``: the
+    shortened sequence of a token-removal variant, numbered as the processor's own shorter
+    sequence would be.
+
+    A family whose reference computes its positions with ``get_rope_index`` (multi-axis
+    rotary positions from the image grids) has no such rule here yet: the reference refuses
+    rather than guess one. For every other family the reference asks the model itself: it
+    runs the language model on the embeddings without position ids and reads the ones its
+    forward computed (for the 1-D families that is HF's default, ``arange`` of the reduced
+    length after the cache, or OPT's cumulative attention mask minus one, which is what
+    their processors' shorter sequence gets).
+    """
+    if any(hasattr(m, "get_rope_index") for m in (tiny.reference, getattr(tiny.reference, "model", None))):
+        raise NotImplementedError(
+            f"{tiny.name}: positions come from get_rope_index; add the reference rule for a shortened sequence"
+        )
     mask = torch.ones(embeds.shape[:2], dtype=torch.long)
-    return target(inputs_embeds=embeds, attention_mask=mask, **(per_token or {})).logits
+    return _positions_reaching_layer_0(
+        tiny, lambda: lm_target(tiny)(inputs_embeds=embeds, attention_mask=mask, **(per_token or {}))
+    )
+
+
+def lm_logits(
+    tiny: Tiny, embeds: torch.Tensor, per_token: Optional[dict] = None, positions: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """Logits of a plain full forward of the reference's language model on ``embeds`` [1, n, d]
+    (with the family's per-token inputs for those positions) at ``positions``, by default the
+    ones the reference computes for them (:func:`reduced_positions`)."""
+    if positions is None:
+        positions = reduced_positions(tiny, embeds, per_token)
+    mask = torch.ones(embeds.shape[:2], dtype=torch.long)
+    target = lm_target(tiny)
+    return target(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, **(per_token or {})).logits
 
 
 def answer_ce(logits: torch.Tensor, ids: torch.Tensor, answer: torch.Tensor, kept: torch.Tensor) -> float:

@@ -186,10 +186,10 @@ def assert_language_model_alone_matches(model: HookedVLM, inputs: VLMInputs) -> 
     the embeddings hold the projected query tokens at the image positions."""
     with torch.no_grad():
         full, cache = model.run_with_cache(inputs, names_filter="vision_projector.hook_out")
-        embeds = model.input_embeddings(inputs)
-        alone, _ = model.run_language_model(embeds, attention_mask=inputs.attention_mask)
+        lm = model.input_embeddings(inputs)
+        alone, _ = model.run_language_model(lm.embeds, lm.position_ids, attention_mask=lm.attention_mask)
     span = inputs.layout.images[0][0]
-    assert max_diff(embeds[0, span.positions], cache["vision_projector.hook_out"][0]) == 0.0
+    assert max_diff(lm.embeds[0, span.positions], cache["vision_projector.hook_out"][0]) == 0.0
     diff = max_diff(alone, full)
     assert diff <= TOL, f"the language model alone differs from the full forward by {diff}"
     return diff

@@ -53,7 +53,7 @@ def test_qformer_sees_the_prompt_not_the_answer(tiny, photo):
         _, b = model.run_with_cache(without, names_filter="vision_projector.hook_out")
     assert torch.equal(a["vision_projector.hook_out"], b["vision_projector.hook_out"])
     assert a["vision_projector.hook_out"].shape[1] == n_query
-    assert with_answer.layout.images[0][0].qformer_text == "what is in the image ?"
+    assert with_answer.layout.images[0][0].connector_text == "what is in the image ?"
 
 
 def test_visual_tokens_depend_on_the_instruction(tiny, photo):

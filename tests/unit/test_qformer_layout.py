@@ -80,9 +80,9 @@ def test_qformer_text_is_recorded_for_instructblip_only(tiny, photo):
     model, _ = tiny
     span = model.prepare(photo, "describe the image .", answer="a cat").layout.images[0][0]
     if model.adapter.family == "instructblip":
-        assert span.qformer_text == "describe the image ."
+        assert span.connector_text == "describe the image ."
     else:
-        assert span.qformer_text is None
+        assert span.connector_text is None
 
 
 def test_prompts_the_adapter_refuses(tiny, photo):

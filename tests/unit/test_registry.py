@@ -1,10 +1,12 @@
-"""The adapter registry, docs/models.md and the tiny builders list the same families."""
+"""The adapter registry, docs/models.md, the tiny builders and the analysis parity table
+(``tests/parity/analysis_refs.FAMILIES``) list the same families."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
+from tests.parity.analysis_refs import FAMILIES
 from tests.tiny.families import FAMILY_BUILDERS
 from vlens.adapters import ADAPTERS, supported_architectures
 
@@ -31,3 +33,13 @@ def test_every_family_has_a_parity_test():
 def test_architecture_names_are_unique():
     names = [arch for adapter in ADAPTERS for arch in adapter.hf_architectures]
     assert len(names) == len(set(names)) == len(supported_architectures())
+
+
+def test_analysis_reference_table_covers_the_registry():
+    """Every adapter has an analysis parity entry, every entry names a registered family, and the
+    reference's own statement of per-token inputs agrees with the adapter's declaration."""
+    registry = {adapter.family: adapter for adapter in ADAPTERS}
+    assert {entry.adapter for entry in FAMILIES.values()} == set(registry)
+    for name, entry in FAMILIES.items():
+        assert FAMILY_BUILDERS[entry.adapter].__name__ == entry.builder, name  # the family's own builder
+        assert entry.per_token == registry[entry.adapter].per_token_inputs, name

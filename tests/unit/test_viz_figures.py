@@ -76,7 +76,7 @@ def test_lens_panel_draws_one_panel_per_layer_with_its_words():
 def test_lens_panel_qformer_queries_in_query_order():
     ids = torch.tensor([[1, 9, 9, 9, 9, 9, 2]])
     span = ImageSpan(0, torch.arange(1, 6), torch.zeros(5, dtype=torch.long), torch.full((5, 2), -1), {},
-                     tuple(f"<q {i}>" for i in range(5)))
+                     tuple(f"<q {i}>" for i in range(5)), query_label="Q-Former queries")
     layout = assemble_layout(ids, torch.ones_like(ids), 9, [[span]], [7])
     result = lens_result(1, torch.arange(1, 6), torch.tensor([[1, 2, 3, 4, 5]]))
     _, words, _, shape, on_grid = lens_grid(result, layout, decode)

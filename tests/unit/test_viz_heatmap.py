@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from types import SimpleNamespace
 
@@ -89,11 +90,14 @@ def test_qformer_span_spreads_over_the_patches_it_reads():
     span = ImageSpan(
         image_index=0, positions=torch.tensor([3, 4]), tile=torch.zeros(2, dtype=torch.long),
         row_col=torch.full((2, 2), -1), tile_grids={}, labels=("<q 0>", "<q 1>"), query_attention=attn,
+        query_label="Q-Former queries",  # what the family's adapter calls them
     )
     grid = span.to_grid(torch.tensor([0.0, 1.0]))
     assert grid.argmax().item() == 1
     fig = image_heatmap(torch.tensor([0.0, 1.0]), span, grey((32, 32)))
     assert "Q-Former" in fig.axes[0].get_xlabel()
+    unnamed = image_heatmap(torch.tensor([0.0, 1.0]), dataclasses.replace(span, query_label=None), grey((32, 32)))
+    assert unnamed.axes[0].get_xlabel().startswith("query tokens")
     no_grid = ImageSpan(0, torch.tensor([3]), torch.zeros(1, dtype=torch.long), torch.full((1, 2), -1), {}, ("<q 0>",))
     with pytest.raises(AnalysisInputError, match="no grid"):
         image_heatmap(torch.tensor([1.0]), no_grid)

@@ -2,23 +2,33 @@
 
 A family adapter is the only code that knows a family: its Hugging Face class, the
 TransformerLens architecture name its bridge is built with, its image placeholder, its
-chat template, the extra tensors its forward takes, and how an image becomes tokens
-(:meth:`VisionPrefixAdapter.image_spans`). Adding a family means writing one file
-with one subclass and listing it in ``vlens/adapters/__init__.py``.
+chat template, the extra tensors its forward takes, how an image becomes tokens
+(:meth:`VisionPrefixAdapter.image_spans`), and the facts of the family contract
+(``vlens.adapters.contract``: positions, per-token inputs, causality over the image,
+token boxes, scene geometry), which this base class refuses to assume. Adding a family
+means writing one file with one subclass and listing it in ``vlens/adapters/__init__.py``.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar, Optional, Sequence
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, ClassVar, Optional, Sequence
 
 import PIL.Image
 import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
 from transformers import BatchFeature
 
 from vlens._compat import cache_argument, output_cache
+from vlens.adapters.contract import FACTS, SceneGeometry, Unstated, unstated
 from vlens.errors import PromptError, UnsupportedArchitectureError
 from vlens.layout import ImageSpan, TokenLayout, assemble_layout
+
+if TYPE_CHECKING:
+    from vlens.inputs import VLMInputs
+    from vlens.model import HookedVLM
 
 
 class VisionPrefixAdapter(ABC):
@@ -185,7 +195,7 @@ class VisionPrefixAdapter(ABC):
         text (InstructBLIP's Q-Former) overrides it so the connector reads the prompt only."""
         return self.process(images, texts)
 
-    def enrich_layout(self, model: Any, inputs: Any) -> TokenLayout:
+    def enrich_layout(self, model: "HookedVLM", inputs: "VLMInputs") -> TokenLayout:
         """The layout of ``inputs`` completed with facts that need the model (called by
         ``HookedVLM.prepare`` when ``layout_needs_model``). Default: unchanged."""
         return inputs.layout
@@ -212,6 +222,16 @@ class VisionPrefixAdapter(ABC):
             extras=self.layout_extras(batch),
         )
 
+    def with_token_boxes(
+        self, layout: TokenLayout, images: Sequence[Sequence[PIL.Image.Image]]
+    ) -> TokenLayout:
+        """``layout`` with every span's ``boxes`` (:meth:`token_boxes`) on its row's images."""
+        rows = tuple(
+            tuple(replace(span, boxes=self.token_boxes(span, images[row][span.image_index].size)) for span in spans)
+            for row, spans in enumerate(layout.images)
+        )
+        return replace(layout, images=rows)
+
     def model_extras(self, batch: BatchFeature) -> dict[str, torch.Tensor]:
         """The family's extra forward tensors out of the processor's output."""
         missing = [name for name in self.model_input_names if name not in batch]
@@ -223,22 +243,79 @@ class VisionPrefixAdapter(ABC):
 
     # ---- the language model on its own (token removal, gradients) ---------------------
 
-    causal_prefix: ClassVar[bool] = True
-    """Whether a position's language-model state depends only on the positions before it.
+    per_token_inputs: ClassVar[tuple[str, ...]] = Unstated(  # type: ignore[assignment]
+        "the extras (VLMInputs.extras) its language model reads one value per token, () for none"
+    )
+    """Extras (``VLMInputs.extras``) the language model reads, one value per token, e.g. token
+    types that make an image's tokens attend to each other. Analyses that remove tokens keep
+    the entries of the kept positions and pass them to :meth:`run_language_model`."""
 
-    True for a plain causal language model: then the key/value cache of a prefix can be
-    reused when later tokens change (``vlens.analysis.token_count_curve`` relies on it).
-    A family whose language model attends bidirectionally within images (Gemma3 with
-    ``token_type_ids``) sets it False, and such analyses fall back to full forwards."""
+    causal_over_image: ClassVar[bool] = Unstated(  # type: ignore[assignment]
+        "whether each language-model state depends only on earlier positions, image tokens included"
+    )
+    """Whether a position's language-model state depends only on the positions before it,
+    image tokens included: then the key/value cache of a prefix can be reused when later
+    tokens change (the token-removal ``kv`` engine relies on it). False for a language model
+    whose image tokens attend to later ones (bidirectionally within an image)."""
+
+    def positions_after_removal(
+        self, positions: Int[Tensor, "*axes pos"], keep: Bool[Tensor, "pos"]
+    ) -> Int[Tensor, "*axes n"]:
+        """Position ids of one row with only the ``keep`` positions left, given the positions
+        the model gave the full row; ``[n]`` (1-D) or ``[axes, n]`` (multi-axis rotary). Its
+        suffix ``[..., c:]`` is what the kept tokens from the c-th on get after a reused prefix."""
+        raise unstated(self, "positions_after_removal", "how its language model numbers a shortened sequence")
+
+    def text_positions(self, n: int, device: torch.device) -> Int[Tensor, "*axes n"]:
+        """Position ids of ``n`` text tokens with nothing before them."""
+        raise unstated(self, "text_positions", "how its language model numbers a text-only sequence")
+
+    def positions_source(self, hf_model: torch.nn.Module) -> torch.nn.Module:
+        """The module whose call, in a forward pass, receives the position ids the language
+        model computed for itself (:meth:`read_positions` takes them out of the call)."""
+        raise unstated(self, "positions_source", "where a forward pass shows the positions its model computed")
+
+    def read_positions(self, args: tuple, kwargs: dict, batch_size: int) -> Int[Tensor, "batch *axes pos"]:
+        """The position ids out of a call of :meth:`positions_source`, batch axis first."""
+        raise unstated(self, "read_positions", "how to read the positions its model computed")
+
+    def token_boxes(self, span: ImageSpan, image_size: tuple[int, int]) -> Float[Tensor, "n 4"]:
+        """The pixel box of each token of ``span`` on its input image.
+
+        Args:
+            span: One image's span, as :meth:`image_spans` built it.
+            image_size: The input image's (width, height) in pixels (PIL's ``size``).
+
+        Returns:
+            ``[n, 4]`` boxes (x0, y0, x1, y1) in the input image's pixel coordinates (pixel
+            column i covers ``[i, i + 1)``), clipped to the image; NaN rows for tokens that
+            cover no region of it (query tokens, separators, a CLS token, padding only).
+        """
+        raise unstated(self, "token_boxes", "the pixel box of each visual token on the input image")
+
+    def scene_geometry(self) -> SceneGeometry:
+        """The size at which synthetic scenes are drawn for this model (``vlens.data``)."""
+        raise unstated(self, "scene_geometry", "the size and token grid at which synthetic scenes are drawn")
+
+    @classmethod
+    def unstated_facts(cls) -> list[str]:
+        """The facts of the contract (``vlens.adapters.contract.FACTS``) this class leaves to
+        the base class, which raises for them."""
+        missing = []
+        for fact in FACTS:
+            owner = next(klass for klass in cls.__mro__ if fact in klass.__dict__)
+            if owner is VisionPrefixAdapter:
+                missing.append(fact)
+        return missing
 
     @property
-    def per_token_inputs(self) -> tuple[str, ...]:
-        """Extras (``VLMInputs.extras``) the language model reads, one value per token:
-        analyses that remove tokens keep the matching entries and pass them to
-        :meth:`run_language_model`. Default: Hugging Face's per-token input
-        ``token_type_ids`` when the family's forward takes it (Gemma3's marks image
-        tokens, which attend to each other)."""
-        return tuple(name for name in self.model_input_names if name == "token_type_ids")
+    def attention_window(self) -> Optional[int]:
+        """The sliding attention window of the language model's windowed layers, None when
+        every layer attends to the whole sequence (the text config's ``sliding_window``,
+        unless ``use_sliding_window`` turns it off)."""
+        text_config = self.config.get_text_config()
+        window = getattr(text_config, "sliding_window", None)
+        return window if window is not None and getattr(text_config, "use_sliding_window", True) else None
 
     def language_model(self, hf_model: torch.nn.Module) -> torch.nn.Module:
         """The module that receives the merged input embeddings as ``inputs_embeds``."""
@@ -249,7 +326,7 @@ class VisionPrefixAdapter(ABC):
         hf_model: torch.nn.Module,
         inputs_embeds: torch.Tensor,
         attention_mask: Optional[torch.Tensor],
-        position_ids: Optional[torch.Tensor],
+        position_ids: torch.Tensor,
         past_key_values: Any,
         use_cache: bool,
         logits_to_keep: Optional[torch.Tensor],
@@ -257,11 +334,14 @@ class VisionPrefixAdapter(ABC):
     ) -> tuple[torch.Tensor, Any]:
         """Logits (and the new key/value cache) of the language model run on embeddings.
 
-        When a submodule holding :meth:`language_model` has its own output head (BLIP-2's
-        ``OPTForCausalLM``, InstructBLIP's ``LlamaForCausalLM``), it runs alone; otherwise the whole model runs with
+        When a submodule holding :meth:`language_model` has its own output head (a causal LM
+        inside the whole model), it runs alone; otherwise the whole model runs with
         ``inputs_embeds`` and no image tensors, as every LLaVA-style class accepts, so
         whatever it does after the decoder (final norm, head, soft-capping) is kept.
-        ``extras`` are :attr:`per_token_inputs`, passed through by name.
+        ``position_ids`` come from the contract (``input_embeddings``' positions, or
+        :meth:`positions_after_removal`), batch axis first; a multi-axis family whose Hugging
+        Face forward wants another layout overrides this. ``extras`` are
+        :attr:`per_token_inputs`, passed through by name.
         """
         causal_lm = self._causal_lm(hf_model)
         kwargs: dict[str, Any] = {

@@ -18,9 +18,13 @@ Where the placeholders go:
       ``###Human: <Img>...</Img> prompt###Assistant:``.
 
 InstructBLIP's Q-Former also reads the instruction, so its visual tokens depend on the
-prompt: each span records the text the Q-Former read (``qformer_text``). As in
+prompt: each span records the text the Q-Former read (``connector_text``). As in
 InstructBLIP's training and in generation, the Q-Former reads the prompt only, never
 the answer appended for teacher forcing.
+
+Contract: a 1-D causal language model (OPT's learned positions or Llama's rotary ones)
+with no per-token inputs; query tokens cover no box of the image, and scenes are drawn at
+the vision tower's size, labelled on the patch grid the queries' attention is drawn on.
 
 TransformerLens has no adapter for these models; the one in ``_qformer_bridge`` is
 registered with TransformerLens's factory when this module is imported.
@@ -35,15 +39,23 @@ import PIL.Image
 import torch
 from transformers import BatchFeature
 
+from jaxtyping import Float
+from torch import Tensor
+
 from vlens.adapters import _qformer_bridge
 from vlens.adapters.base import VisionPrefixAdapter
+from vlens.adapters.contract import SceneGeometry, SequentialPositions, no_boxes
 from vlens.errors import PromptError, UnsupportedArchitectureError
 from vlens.layout import ImageSpan, TokenLayout, contiguous_runs
 
 if TYPE_CHECKING:
     from vlens.inputs import VLMInputs
+    from vlens.model import HookedVLM
 
 _qformer_bridge.register()
+
+QUERY_LABEL = "Q-Former queries"
+"""What figures call these visual tokens (``ImageSpan.query_label``)."""
 
 _LANGUAGE_STAGE = ("embed.", "hook_embed", "pos_embed.", "rotary_emb.", "blocks.", "ln_final.", "unembed.", "hook_unembed")
 
@@ -62,16 +74,19 @@ def query_span(image_index: int, positions: torch.Tensor, n_query: int, label: s
         row_col=torch.full((n_query, 2), -1, dtype=torch.long),
         tile_grids={},
         labels=tuple(f"<{label} {k}>" for k in range(n_query)),
+        query_label=QUERY_LABEL,
     )
 
 
-class Blip2Adapter(VisionPrefixAdapter):
+class Blip2Adapter(SequentialPositions, VisionPrefixAdapter):
     """``Blip2ForConditionalGeneration``: BLIP-2 with an OPT or Llama tower, and MiniGPT-4."""
 
     family = "blip2"
     hf_architectures = ("Blip2ForConditionalGeneration",)
     tl_architecture = "Blip2ForConditionalGeneration"
     fallback_template = "Question: {prompt} Answer:"
+    per_token_inputs = ()
+    causal_over_image = True
     language_towers: ClassVar[tuple[str, ...]] = ("opt", "llama")
     layout_needs_model = True
     stage_prefixes = {
@@ -168,13 +183,13 @@ class Blip2Adapter(VisionPrefixAdapter):
                 f"{len(runs)} runs ({positions.numel()} tokens): the text holds {self.image_token!r} or a word the "
                 "tokenizer maps to it"
             )
-        return [replace(query_span(0, runs[0], self.n_query), qformer_text=self.qformer_text(batch, row))]
+        return [replace(query_span(0, runs[0], self.n_query), connector_text=self.qformer_text(batch, row))]
 
     def qformer_text(self, batch: BatchFeature, row: int) -> str | None:
         """The text the Q-Former read for one row (None: BLIP-2's Q-Former reads none)."""
         return None
 
-    def enrich_layout(self, model: Any, inputs: "VLMInputs") -> TokenLayout:
+    def enrich_layout(self, model: "HookedVLM", inputs: "VLMInputs") -> TokenLayout:
         """Add each span's ``query_attention``: the queries' cross-attention over the patch
         grid (CLS dropped), averaged over the Q-Former's cross-attention layers and heads."""
         attn = self.query_attention(model, inputs)  # [batch, query, rows, cols]
@@ -184,7 +199,7 @@ class Blip2Adapter(VisionPrefixAdapter):
         )
         return replace(inputs.layout, images=images)
 
-    def query_attention(self, model: Any, inputs: "VLMInputs") -> torch.Tensor:
+    def query_attention(self, model: "HookedVLM", inputs: "VLMInputs") -> torch.Tensor:
         """Cross-attention of each query over the patch grid, ``[batch, query, rows, cols]``.
 
         Runs the vision encoder and the Q-Former only, capturing the cross-attention
@@ -225,6 +240,17 @@ class Blip2Adapter(VisionPrefixAdapter):
     def patch_grid(self, pixel_values: torch.Tensor) -> tuple[int, int]:
         patch = int(self.config.vision_config.patch_size)
         return pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch
+
+    # ---- pixel geometry ----------------------------------------------------------------
+
+    def token_boxes(self, span: ImageSpan, image_size: tuple[int, int]) -> Float[Tensor, "n 4"]:
+        # A query token mixes every patch it attends to (ImageSpan.query_attention): no box.
+        return no_boxes(span.n_tokens)
+
+    def scene_geometry(self) -> SceneGeometry:
+        vision = self.config.vision_config
+        patch = int(vision.patch_size)
+        return SceneGeometry(image_size=int(vision.image_size) // patch * patch, patch_size=patch, token_grid=None)
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "num_query_tokens": self.n_query, "language_model": self.config.text_config.model_type}

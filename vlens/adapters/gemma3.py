@@ -9,6 +9,10 @@ to ``s x s`` tokens (``s = sqrt(mm_tokens_per_image)``), flattened in raster ord
 The processor also returns ``token_type_ids`` (1 at soft tokens): Hugging Face's forward
 uses them to let the tokens of one image attend to each other bidirectionally. Without
 them the model is causal everywhere and its logits change, so vlens always passes them.
+
+Contract: 1-D positions; ``token_type_ids`` are its per-token inputs, and because an image's
+tokens attend to later ones of the same image the language model is not causal over the
+image. A token's box is its pooled cell of the image, squashed to the tower's square.
 """
 
 from __future__ import annotations
@@ -19,17 +23,24 @@ from typing import Any
 import torch
 from transformers import BatchFeature
 
+from jaxtyping import Float
+from torch import Tensor
+
+from vlens.adapters._geometry import Frame, cell_boxes, clip_to_image, resized_size
 from vlens.adapters.base import VisionPrefixAdapter, expect
+from vlens.adapters.contract import SceneGeometry, SequentialPositions
 from vlens.errors import PromptError, UnsupportedArchitectureError
 from vlens.layout import ImageSpan, contiguous_runs, grid_span
 
 
-class Gemma3Adapter(VisionPrefixAdapter):
+class Gemma3Adapter(SequentialPositions, VisionPrefixAdapter):
     family = "gemma3"
     hf_architectures = ("Gemma3ForConditionalGeneration",)
     tl_architecture = "Gemma3ForConditionalGeneration"
     model_input_names = ("token_type_ids",)
     nested_images = True
+    per_token_inputs = ("token_type_ids",)
+    causal_over_image = False
 
     @classmethod
     def check_config(cls, config: Any) -> None:
@@ -83,8 +94,30 @@ class Gemma3Adapter(VisionPrefixAdapter):
         """Side of the pooled token grid of one image."""
         return math.isqrt(self.config.mm_tokens_per_image)
 
+    @property
+    def cell_side(self) -> int:
+        """Side in pixels of the tower-input region one pooled token averages (whole patches:
+        the tower drops a remainder of the image size)."""
+        vision = self.config.vision_config
+        return vision.patch_size * (vision.image_size // vision.patch_size // self.grid_side)
+
     def prompt_placeholder(self) -> str:
         return self.processor.boi_token
+
+    def token_boxes(self, span: ImageSpan, image_size: tuple[int, int]) -> Float[Tensor, "n 4"]:
+        width, height = image_size
+        ip = self.processor.image_processor
+        if getattr(ip, "do_pan_and_scan", False):
+            raise UnsupportedArchitectureError("gemma3: pan-and-scan crops have no token boxes in vlens")
+        frame = Frame(float(width), float(height))
+        if getattr(ip, "do_resize", False):
+            h, w = resized_size(height, width, ip.size, self.family)
+            frame = frame.resize(w, h)
+        return clip_to_image(frame.to_original(cell_boxes(span.row_col, self.cell_side)), width, height)
+
+    def scene_geometry(self) -> SceneGeometry:
+        s = self.grid_side
+        return SceneGeometry(image_size=s * self.cell_side, patch_size=self.cell_side, token_grid=(s, s))
 
     def marker_ids(self) -> frozenset[int]:
         return frozenset({int(self.config.boi_token_id), int(self.config.eoi_token_id)})

@@ -16,17 +16,27 @@ processor writes, per image::
 global image and tiles ``1..rows*cols`` the crops in row-major order, numbered from the
 ``<row_i_col_j>`` tag in front of each run; the tags and ``<fake_token_around_image>`` are
 markers.
+
+Contract: a 1-D causal Llama language model with no per-token inputs. A crop token's box is
+its cell of its crop, mapped back through the resizes; a global-image token's box is its
+cell of the whole image (squashed to one crop).
 """
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
 import torch
 from transformers import BatchFeature
 
+from jaxtyping import Float
+from torch import Tensor
+
+from vlens.adapters._geometry import Frame, cell_boxes, clip_to_image, size_get
 from vlens.adapters.base import VisionPrefixAdapter, expect
+from vlens.adapters.contract import SceneGeometry, SequentialPositions
 from vlens.errors import PromptError, UnsupportedArchitectureError
 from vlens.layout import ImageSpan, contiguous_runs
 
@@ -35,15 +45,52 @@ LLAMA_TEXT_MODELS = ("llama",)
 _ROW_COL = re.compile(r"^<row_(\d+)_col_(\d+)>$")
 GLOBAL_TAG = "<global-img>"
 FAKE_TOKEN = "<fake_token_around_image>"
+MAX_IMAGE_SIZE = 4096  # transformers' idefics3 image processing: the absolute bound on a side
 
 
-class Idefics3Adapter(VisionPrefixAdapter):
+def longest_edge_size(height: int, width: int, longest_edge: int) -> tuple[int, int]:
+    """(height, width) after Idefics3's ``resize`` to ``longest_edge`` (mirrors
+    ``get_resize_output_image_size``: the long side to the edge, the short side kept in
+    ratio and rounded up to even, then both bounded by ``MAX_IMAGE_SIZE``)."""
+    aspect = width / height
+    if width >= height:
+        width = longest_edge
+        height = int(width / aspect)
+        height += height % 2
+    else:
+        height = longest_edge
+        width = int(height * aspect)
+        width += width % 2
+    height, width = max(height, 1), max(width, 1)
+    aspect = width / height
+    if width >= height and width > MAX_IMAGE_SIZE:
+        width, height = MAX_IMAGE_SIZE, int(MAX_IMAGE_SIZE / aspect)
+    elif height > width and height > MAX_IMAGE_SIZE:
+        height, width = MAX_IMAGE_SIZE, int(MAX_IMAGE_SIZE * aspect)
+    return max(height, 1), max(width, 1)
+
+
+def crop_multiple_size(height: int, width: int, crop: int) -> tuple[int, int]:
+    """(height, width) rounded up to whole crops (mirrors ``resize_for_vision_encoder``)."""
+    aspect = width / height
+    if width >= height:
+        width = math.ceil(width / crop) * crop
+        height = math.ceil(int(width / aspect) / crop) * crop
+    else:
+        height = math.ceil(height / crop) * crop
+        width = math.ceil(int(height * aspect) / crop) * crop
+    return height, width
+
+
+class Idefics3Adapter(SequentialPositions, VisionPrefixAdapter):
     family = "idefics3"
     hf_architectures = ("Idefics3ForConditionalGeneration",)
     tl_architecture = "Idefics3ForConditionalGeneration"
     model_input_names = ("pixel_attention_mask",)
     fallback_template = "User:{images}{prompt}<end_of_utterance>\nAssistant:"
     nested_images = True
+    per_token_inputs = ()
+    causal_over_image = True
 
     @classmethod
     def check_config(cls, config: Any) -> None:
@@ -100,6 +147,54 @@ class Idefics3Adapter(VisionPrefixAdapter):
 
     def marker_ids(self) -> frozenset[int]:
         return self._markers
+
+    # ---- pixel geometry ----------------------------------------------------------------
+
+    def sub_image_frames(self, width: int, height: int) -> tuple[Frame, list[Frame]]:
+        """The frames of the global image and of each crop (row-major) of a ``width x height``
+        image, following ``Idefics3ImageProcessor._preprocess``."""
+        ip = self.processor.image_processor
+        crop = self.config.vision_config.image_size  # max_image_size, checked equal in __init__
+        frame = Frame(float(width), float(height))
+        if getattr(ip, "do_resize", False):
+            edge = size_get(ip.size, "longest_edge")
+            if edge is not None:
+                h, w = longest_edge_size(height, width, edge)
+            elif size_get(ip.size, "height") and size_get(ip.size, "width"):
+                h, w = size_get(ip.size, "height"), size_get(ip.size, "width")
+            else:
+                raise UnsupportedArchitectureError(f"idefics3: image processor size {ip.size!r} is not supported")
+            frame = frame.resize(w, h)
+        if not getattr(ip, "do_image_splitting", False):
+            return frame.resize(crop, crop), []
+        h, w = crop_multiple_size(int(frame.height), int(frame.width), crop)
+        frame = frame.resize(w, h)
+        if h <= crop and w <= crop:
+            return frame, []
+        crops = [frame.crop(j * crop, i * crop, crop, crop) for i in range(h // crop) for j in range(w // crop)]
+        return frame.resize(crop, crop), crops
+
+    def token_boxes(self, span: ImageSpan, image_size: tuple[int, int]) -> Float[Tensor, "n 4"]:
+        width, height = image_size
+        whole, crops = self.sub_image_frames(width, height)
+        if len(span.tile_grids) != len(crops) + 1:
+            raise UnsupportedArchitectureError(
+                f"idefics3: a {width}x{height} image is cut into {len(crops)} crops, its span has "
+                f"{len(span.tile_grids) - 1}"
+            )
+        cell = self.config.vision_config.patch_size * self.config.scale_factor  # one pixel-shuffled token
+        boxes = torch.full((span.n_tokens, 4), float("nan"))
+        for t, frame in enumerate([whole, *crops]):
+            mine = span.tile == t
+            boxes[mine] = frame.to_original(cell_boxes(span.row_col[mine], cell))
+        return clip_to_image(boxes, width, height)
+
+    def scene_geometry(self) -> SceneGeometry:
+        # Whatever crops the processor cuts from a square scene, its global image is the whole
+        # scene resized to one crop, so the global grid's cells are the scene's cells.
+        g = self.tile_side
+        cell = self.config.vision_config.patch_size * self.config.scale_factor
+        return SceneGeometry(image_size=g * cell, patch_size=cell, token_grid=(g, g))
 
     def model_extras(self, batch: BatchFeature) -> dict[str, torch.Tensor]:
         # pixel_attention_mask is optional in HF's forward (all-ones when absent).

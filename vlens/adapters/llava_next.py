@@ -14,10 +14,16 @@ then places, for each image:
 In the layout, tile 0 is the base image, tiles ``1..tiles_h*tiles_w`` are the crops in
 row-major order and newline tokens have tile -1. A crop's grid is the part of it that
 survives unpadding, so each tile id has exactly ``rows * cols`` tokens.
+
+Contract: a 1-D causal Llama-style language model with no per-token inputs. A base-image
+token's box is its patch of the whole image (squashed to one crop); a crop token's box is
+its patch of the padded canvas mapped back through the padding and the aspect-preserving
+resize; newline tokens have none.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +31,12 @@ import torch
 from transformers import BatchFeature
 from transformers.image_processing_utils import select_best_resolution
 
+from jaxtyping import Float
+from torch import Tensor
+
+from vlens.adapters._geometry import Frame, cell_boxes, center_crop, clip_to_image, resized_size, size_get
 from vlens.adapters.base import VisionPrefixAdapter, expect
+from vlens.adapters.contract import SceneGeometry, SequentialPositions
 from vlens.adapters.llava import LLAMA_STYLE_TEXT_MODELS
 from vlens.errors import PromptError, UnsupportedArchitectureError
 from vlens.layout import ImageSpan
@@ -40,12 +51,15 @@ class AnyresCanvas:
         row_col: Per token, (row, col) in its tile's (unpadded) grid, -1 for newlines.
         labels: Per token, ``<img r,c>``, ``<t{k} r,c>`` or ``<nl r>``.
         tile_grids: (rows, cols) of every tile with at least one token.
+        canvas_rc: Per token, (row, col) in the base grid for base tokens, in the whole
+            (padded) crop canvas's patch grid for crop tokens, -1 for newlines.
     """
 
     tile: list[int]
     row_col: list[tuple[int, int]]
     labels: list[str]
     tile_grids: dict[int, tuple[int, int]]
+    canvas_rc: list[tuple[int, int]]
 
     @property
     def n_tokens(self) -> int:
@@ -85,11 +99,13 @@ def anyres_canvas(
     tile: list[int] = []
     row_col: list[tuple[int, int]] = []
     labels: list[str] = []
+    canvas_rc: list[tuple[int, int]] = []
     for r in range(g):
         for c in range(g):
             tile.append(0)
             row_col.append((r, c))
             labels.append(f"<img {r},{c}>")
+            canvas_rc.append((r, c))
     grids: dict[int, tuple[int, int]] = {0: (g, g)}
     # First kept row / column inside each tile row / column, for tile-local coordinates.
     first_row = {tr: max(row_lo, tr * g) for tr in range(tiles_h)}
@@ -102,20 +118,33 @@ def anyres_canvas(
             tile.append(t)
             row_col.append((r, c))
             labels.append(f"<t{t} {r},{c}>")
+            canvas_rc.append((R, C))
             rows, cols = grids.get(t, (0, 0))
             grids[t] = (max(rows, r + 1), max(cols, c + 1))
         tile.append(-1)
         row_col.append((-1, -1))
         labels.append(f"<nl {R - row_lo}>")
-    return AnyresCanvas(tile=tile, row_col=row_col, labels=labels, tile_grids=grids)
+        canvas_rc.append((-1, -1))
+    return AnyresCanvas(tile=tile, row_col=row_col, labels=labels, tile_grids=grids, canvas_rc=canvas_rc)
 
 
-class LlavaNextAdapter(VisionPrefixAdapter):
+def patch_output_size(height: int, width: int, target_height: int, target_width: int) -> tuple[int, int]:
+    """(height, width) of an image resized into a target canvas keeping its aspect ratio
+    (mirrors ``transformers.image_processing_utils.get_patch_output_size``)."""
+    scale_w, scale_h = target_width / width, target_height / height
+    if scale_w < scale_h:
+        return min(math.ceil(height * scale_w), target_height), target_width
+    return target_height, min(math.ceil(width * scale_h), target_width)
+
+
+class LlavaNextAdapter(SequentialPositions, VisionPrefixAdapter):
     family = "llava_next"
     hf_architectures = ("LlavaNextForConditionalGeneration",)
     tl_architecture = "LlavaNextForConditionalGeneration"
     model_input_names = ("image_sizes",)
     fallback_template = "USER: {images}\n{prompt} ASSISTANT:"
+    per_token_inputs = ()
+    causal_over_image = True
 
     @classmethod
     def check_config(cls, config: Any) -> None:
@@ -212,3 +241,75 @@ class LlavaNextAdapter(VisionPrefixAdapter):
             if n_placeholders < 0:
                 raise PromptError(f"row {earlier}: image placeholder tokens do not add up to whole images")
         return index
+
+    # ---- pixel geometry ----------------------------------------------------------------
+
+    def _finish(self, frame: Frame) -> Frame:
+        """The resize and centre crop every sub-image goes through last (``_preprocess``)."""
+        ip = self.processor.image_processor
+        if getattr(ip, "do_resize", False):
+            h, w = resized_size(int(frame.height), int(frame.width), ip.size, self.family)
+            frame = frame.resize(w, h)
+        if getattr(ip, "do_center_crop", False):
+            frame = center_crop(frame, size_get(ip.crop_size, "height"), size_get(ip.crop_size, "width"), ip)
+        tower = self.config.vision_config.image_size
+        if (frame.width, frame.height) != (tower, tower):
+            raise UnsupportedArchitectureError(
+                f"llava_next: the image processor hands the tower {int(frame.width)}x{int(frame.height)} px "
+                f"sub-images, not {tower}x{tower} (vision_config.image_size)"
+            )
+        return frame
+
+    def sub_image_frames(self, width: int, height: int) -> tuple[Frame, dict[int, Frame]]:
+        """The frames of the base image and of each crop (tile id 1..) of a ``width x height``
+        image, following ``LlavaNextImageProcessor._get_image_patches``: the base image is the
+        whole image resized to ``size``; the crops are cut from the image resized into the best
+        pinpoint canvas (aspect kept, centred with padding)."""
+        ip = self.processor.image_processor
+        size = ip.size
+        if size_get(size, "height") and size_get(size, "width"):
+            base_h, base_w = size_get(size, "height"), size_get(size, "width")
+        else:
+            base_h = base_w = size_get(size, "shortest_edge")
+        crop_px = size_get(getattr(ip, "crop_size", None) or {}, "height") or size_get(size, "height") or size_get(
+            size, "shortest_edge"
+        )
+        base = self._finish(Frame(float(width), float(height)).resize(base_w, base_h))
+        best_h, best_w = select_best_resolution([height, width], self.config.image_grid_pinpoints)
+        new_h, new_w = patch_output_size(height, width, best_h, best_w)
+        canvas = Frame(float(width), float(height)).resize(new_w, new_h)
+        canvas = canvas.pad((best_w - new_w) // 2, (best_h - new_h) // 2, best_w, best_h)
+        tiles_w = best_w // crop_px
+        crops = {
+            tr * tiles_w + tc + 1: self._finish(canvas.crop(tc * crop_px, tr * crop_px, crop_px, crop_px))
+            for tr in range(best_h // crop_px)
+            for tc in range(tiles_w)
+        }
+        return base, crops
+
+    def token_boxes(self, span: ImageSpan, image_size: tuple[int, int]) -> Float[Tensor, "n 4"]:
+        width, height = image_size
+        canvas = self.canvas(torch.tensor([height, width]))
+        if canvas.n_tokens != span.n_tokens or list(span.tile.tolist()) != canvas.tile:
+            raise UnsupportedArchitectureError(
+                f"llava_next: a {width}x{height} image makes {canvas.n_tokens} tokens, its span has {span.n_tokens}"
+            )
+        base, crops = self.sub_image_frames(width, height)
+        g = self.config.vision_config.image_size // self.config.vision_config.patch_size
+        patch = self.config.vision_config.patch_size
+        rc = torch.tensor(canvas.canvas_rc, dtype=torch.long)
+        boxes = torch.full((span.n_tokens, 4), float("nan"))
+        on_base = span.tile == 0
+        boxes[on_base] = base.to_original(cell_boxes(rc[on_base], patch))
+        for t, frame in crops.items():
+            mine = span.tile == t
+            if bool(mine.any()):
+                # A crop token at canvas patch (R, C) is patch (R mod g, C mod g) of its crop.
+                boxes[mine] = frame.to_original(cell_boxes(rc[mine] % g, patch))
+        return clip_to_image(boxes, width, height)
+
+    def scene_geometry(self) -> SceneGeometry:
+        # A square scene's base image is the scene resized to one crop; its grid is the base grid.
+        vision = self.config.vision_config
+        g = vision.image_size // vision.patch_size
+        return SceneGeometry(image_size=g * vision.patch_size, patch_size=vision.patch_size, token_grid=(g, g))

@@ -2,8 +2,8 @@
 
 In a causal language model that reads the image before the instruction they cannot:
 the image tokens' states only see what precedes them. Where the connector reads the
-instruction (InstructBLIP's Q-Former) they can, from the input embeddings on. This
-analysis measures it rather than assuming either.
+instruction (a query connector that is given the prompt) they can, from the input
+embeddings on. This analysis measures it rather than assuming either.
 """
 
 from __future__ import annotations

@@ -2,19 +2,23 @@
 
 Removing a token means the model is given the sequence without it: later tokens move
 one position earlier, exactly as if the processor had produced the shorter sequence.
-Everything runs on the merged input embeddings (``HookedVLM.input_embeddings``), so
-the vision stack runs once.
+Everything runs on what the language model received in the full forward pass
+(``HookedVLM.input_embeddings``: merged embeddings, the model's own positions, per-token
+inputs), so the vision stack runs once, and a shortened sequence's positions are the
+family's to state (``adapter.positions_after_removal``).
 
 Two engines give the same losses:
 
 * ``"naive"``: one forward of the language model per variant, on the reduced
-  embeddings with position ids ``0..len-1`` (logits computed only where the loss reads
-  them, as in ``"kv"``, so timings compare the prefix reuse alone).
-* ``"kv"``: in a causal language model the state of position p depends only on
-  positions <= p, so for a variant whose first removed position is c, positions < c
-  have exactly the full sequence's keys and values (same tokens, same positions). The
-  full sequence runs once with a key/value cache; each variant then runs only its
-  suffix (kept tokens from c on, at positions c, c+1, ...), batched with other
+  embeddings at the positions the adapter gives the reduced sequence (logits computed
+  only where the loss reads them, as in ``"kv"``, so timings compare the prefix reuse
+  alone).
+* ``"kv"``: in a language model that is causal over the image
+  (``adapter.causal_over_image``) the state of position p depends only on positions
+  <= p, so for a variant whose first removed position is c, positions < c have exactly
+  the full sequence's keys and values (same tokens, same positions). The full sequence
+  runs once with a key/value cache; each variant then runs only its suffix (kept tokens
+  from c on, at the reduced sequence's positions from c on), batched with other
   variants: the chunk attends to the cache up to its largest c (held in buffers filled
   once per call, see `_PrefixBuffers`) and each row's attention mask hides the cache
   entries at or after its own c.
@@ -25,7 +29,7 @@ from __future__ import annotations
 import functools
 import warnings
 from dataclasses import dataclass
-from typing import Any, Literal, Optional
+from typing import TYPE_CHECKING, Any, Literal, Optional
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -33,6 +37,10 @@ from torch import Tensor
 
 from vlens._compat import layer_cache_problem
 from vlens.errors import AnalysisInputError
+
+if TYPE_CHECKING:
+    from vlens.inputs import VLMInputs
+    from vlens.model import HookedVLM
 
 Engine = Literal["kv", "naive"]
 ENGINES = ("kv", "naive")
@@ -44,6 +52,7 @@ class RowProblem:
 
     Attributes:
         embeds: The row's merged input embeddings (real tokens only), model dtype.
+        positions: The position ids the model gave them (``[pos]``, or ``[axes, pos]``).
         ids: Its token ids.
         answer: Positions t of the answer tokens (each predicted from t - 1).
         image: Positions of its image tokens, ascending.
@@ -51,13 +60,14 @@ class RowProblem:
     """
 
     embeds: Float[Tensor, "pos d_model"]
+    positions: Int[Tensor, "*axes pos"]
     ids: Int[Tensor, "pos"]
     answer: Int[Tensor, "n_answer"]
     image: Int[Tensor, "img"]
     extras: dict[str, Tensor]
 
 
-def row_problems(model: Any, inputs: Any, analysis: str) -> list[RowProblem]:
+def row_problems(model: "HookedVLM", inputs: "VLMInputs", analysis: str) -> list[RowProblem]:
     """Embeddings, ids, answer and image positions of every row of a batch."""
     layout = inputs.layout
     missing = [row for row in range(layout.batch_size) if not bool(layout.answer_mask[row].any())]
@@ -66,7 +76,8 @@ def row_problems(model: Any, inputs: Any, analysis: str) -> list[RowProblem]:
             f"{analysis} measures the answer's loss, but row(s) {missing} have no answer tokens; "
             "pass answer= to model.prepare"
         )
-    embeds = model.input_embeddings(inputs)
+    lm = model.input_embeddings(inputs)
+    embeds = lm.embeds
     problems = []
     for row in range(layout.batch_size):
         length = int(layout.lengths[row])
@@ -79,13 +90,11 @@ def row_problems(model: Any, inputs: Any, analysis: str) -> list[RowProblem]:
         problems.append(
             RowProblem(
                 embeds=embeds[row, :length],
+                positions=lm.position_ids[row, ..., :length],
                 ids=inputs.input_ids[row, :length].to(embeds.device),
                 answer=answer.to(embeds.device),
                 image=image.to(embeds.device),
-                extras={
-                    name: inputs.extras[name][row, :length].to(embeds.device)
-                    for name in model.adapter.per_token_inputs
-                },
+                extras={name: value[row, :length] for name, value in lm.extras.items()},
             )
         )
     return problems
@@ -148,29 +157,29 @@ class EngineRun:
     expected: bool = True
 
 
-def engine_for(model: Any, length: int, requested: Engine) -> EngineRun:
+def engine_for(model: "HookedVLM", length: int, requested: Engine) -> EngineRun:
     """The engine that gives exact losses for this model on a sequence of ``length`` tokens.
 
-    ``"kv"`` needs a causal language model whose states depend only on earlier embeddings and
-    positions: per-token inputs (``adapter.per_token_inputs``, e.g. Gemma3's token types,
-    which make image tokens attend to later ones) rule it out, and so do sliding-window
-    layers shorter than the sequence: their masks count cache slots, which the padding of a
-    suffix batch shifts. These are expected fallbacks. A key/value cache that does not work
+    Reads the family's contract only. ``"kv"`` needs a language model that is causal over
+    the image (``adapter.causal_over_image``), whose states depend only on earlier
+    embeddings and positions: per-token inputs (``adapter.per_token_inputs``) rule it out,
+    and so do sliding-window layers shorter than the sequence (``adapter.attention_window``):
+    their masks count cache slots, which the padding of a suffix batch shifts. These are
+    expected fallbacks. A key/value cache that does not work
     (:func:`vlens._compat.layer_cache_problem`) is an unexpected one, and warns once.
     """
     if requested not in ENGINES:
         raise AnalysisInputError(f"unknown engine {requested!r}; choose one of {list(ENGINES)}")
     if requested == "naive":
         return EngineRun("naive")
-    family = model.adapter.family
-    if not model.adapter.causal_prefix:
-        return EngineRun("naive", f"the {family} language model is not causal over the image")
-    if model.adapter.per_token_inputs:
-        names = list(model.adapter.per_token_inputs)
-        return EngineRun("naive", f"the {family} language model reads per-token inputs {names}")
-    text_config = model.hf_model.config.get_text_config()
-    window = getattr(text_config, "sliding_window", None)
-    if window is not None and getattr(text_config, "use_sliding_window", True) and window < length:
+    adapter = model.adapter
+    if not adapter.causal_over_image:
+        return EngineRun("naive", f"the {adapter.family} language model is not causal over the image")
+    if adapter.per_token_inputs:
+        names = list(adapter.per_token_inputs)
+        return EngineRun("naive", f"the {adapter.family} language model reads per-token inputs {names}")
+    window = adapter.attention_window
+    if window is not None and window < length:
         return EngineRun("naive", f"sliding-window layers ({window} tokens) are shorter than the sequence ({length})")
     problem = layer_cache_problem(model)
     if problem is not None:
@@ -178,7 +187,7 @@ def engine_for(model: Any, length: int, requested: Engine) -> EngineRun:
     return EngineRun("kv")
 
 
-def _unexpected(model: Any, reason: str) -> EngineRun:
+def _unexpected(model: "HookedVLM", reason: str) -> EngineRun:
     warned = model.__dict__.setdefault("_engine_fallbacks_warned", set())  # once per model and reason
     if reason not in warned:
         warned.add(reason)
@@ -201,7 +210,7 @@ def merge_runs(runs: list[EngineRun]) -> EngineRun:
 
 
 def variant_losses(
-    model: Any,
+    model: "HookedVLM",
     problem: RowProblem,
     keeps: Bool[Tensor, "variant pos"],
     engine: Engine = "kv",
@@ -233,14 +242,14 @@ def variant_losses(
     return losses[inverse].cpu(), run
 
 
-def _naive_loss(model: Any, problem: RowProblem, keep: Tensor) -> Tensor:
+def _naive_loss(model: "HookedVLM", problem: RowProblem, keep: Tensor) -> Tensor:
     embeds = problem.embeds[keep][None]
     n = embeds.shape[1]
     new_index = keep.long().cumsum(0) - 1
     logits, _ = model.run_language_model(
         embeds,
+        model.adapter.positions_after_removal(problem.positions, keep)[None],
         attention_mask=torch.ones(1, n, dtype=torch.long, device=embeds.device),
-        position_ids=torch.arange(n, device=embeds.device)[None],
         logits_to_keep=new_index[problem.answer] - 1,  # only the logits the loss reads
         extras=kept_extras(problem, keep),
     )
@@ -248,7 +257,7 @@ def _naive_loss(model: Any, problem: RowProblem, keep: Tensor) -> Tensor:
 
 
 def _kv_losses(
-    model: Any, problem: RowProblem, keeps: Tensor, batch_size: int, max_tokens: int
+    model: "HookedVLM", problem: RowProblem, keeps: Tensor, batch_size: int, max_tokens: int
 ) -> tuple[Optional[Tensor], Optional[str]]:
     """The kv engine's losses, or None and the reason when the cache it needs is not there."""
     device = problem.embeds.device
@@ -259,6 +268,7 @@ def _kv_losses(
     first = torch.where(removed.any(1), removed.float().argmax(1), torch.full_like(keeps[:, 0], length, dtype=torch.long))
     logits, cache = model.run_language_model(
         problem.embeds[None],
+        problem.positions[None],
         attention_mask=torch.ones(1, length, dtype=torch.long, device=device),
         use_cache=True,
         logits_to_keep=problem.answer - 1,
@@ -374,7 +384,7 @@ def _chunks(order: Tensor, lengths: list[int], batch_size: int, max_tokens: int)
 
 
 def _suffix_losses(
-    model: Any, problem: RowProblem, keeps: Tensor, starts: Tensor, buffers: _PrefixBuffers, targets: Tensor
+    model: "HookedVLM", problem: RowProblem, keeps: Tensor, starts: Tensor, buffers: _PrefixBuffers, targets: Tensor
 ) -> Tensor:
     device = problem.embeds.device
     batch = keeps.shape[0]
@@ -384,7 +394,10 @@ def _suffix_losses(
     d_model = problem.embeds.shape[-1]
     embeds = problem.embeds.new_zeros(batch, s_max, d_model)
     mask = torch.zeros(batch, c_max + s_max, dtype=torch.long, device=device)
-    position_ids = torch.zeros(batch, s_max, dtype=torch.long, device=device)
+    # The suffix's positions are those of the reduced sequence from c on (the prefix before c is
+    # the full sequence's own); padded slots repeat the last real position (masked keys, and
+    # queries whose logits are never read).
+    position_ids = problem.positions.new_zeros(batch, *problem.positions.shape[:-1], s_max)
     # Where each answer target is predicted from, as an index into the suffix.
     pred = torch.empty(batch, len(problem.answer), dtype=torch.long, device=device)
     extras = {name: value.new_zeros(batch, s_max) for name, value in problem.extras.items()}
@@ -395,7 +408,9 @@ def _suffix_losses(
         embeds[i, :n] = problem.embeds[suffix]
         mask[i, :c] = 1
         mask[i, c_max : c_max + n] = 1
-        position_ids[i] = c + torch.arange(s_max, device=device)
+        suffix_positions = model.adapter.positions_after_removal(problem.positions, keeps[i])[..., c:]
+        position_ids[i, ..., :n] = suffix_positions
+        position_ids[i, ..., n:] = suffix_positions[..., -1:]
         for name, value in problem.extras.items():
             extras[name][i, :n] = value[suffix]
         index_in_suffix = torch.searchsorted(suffix, problem.answer)  # answer tokens are all kept
@@ -406,8 +421,8 @@ def _suffix_losses(
     past = buffers.cache(batch, c_max) if c_max > 0 else None
     logits, _ = model.run_language_model(
         embeds,
+        position_ids,
         attention_mask=mask,
-        position_ids=position_ids,
         past_key_values=past,
         use_cache=past is not None,
         logits_to_keep=keep_idx,

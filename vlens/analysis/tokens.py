@@ -29,6 +29,8 @@ from vlens.analysis.knockout import (
 from vlens.errors import AnalysisInputError
 
 if TYPE_CHECKING:
+    from vlens.analysis.knockout import RowProblem
+    from vlens.inputs import VLMInputs
     from vlens.model import HookedVLM
 
 Order = Union[Literal["raster", "random"], Sequence[int], Tensor]
@@ -157,7 +159,7 @@ def _counts(counts: Optional[Sequence[int]], n_max: int) -> Tensor:
 
 def token_count_curve(
     model: "HookedVLM",
-    inputs: Any,
+    inputs: "VLMInputs",
     counts: Optional[Sequence[int]] = None,
     order: Order = "raster",
     engine: Engine = "kv",
@@ -176,9 +178,8 @@ def token_count_curve(
         engine: ``"kv"`` computes the full sequence's key/value cache once and runs
             only each count's suffix, batched (with the raster order the suffix is the
             text after the image); ``"naive"`` runs one full forward per count. Both give
-            the same losses. Families whose attention is not causal within images fall
-            back to ``"naive"`` (``engine`` and ``engine_reason`` in the result say which
-            ran and why).
+            the same losses. Families whose language model is not causal over the image
+            fall back to ``"naive"`` (``engine`` in the result says which ran).
         seed: Seed of the random order.
         batch_size: At most how many counts run together with ``"kv"`` (a batch also
             stays within ``knockout.MAX_TOKENS`` padded suffix tokens).
@@ -221,8 +222,8 @@ def token_count_curve(
 
 def token_contributions(
     model: "HookedVLM",
-    inputs: Any,
-    estimator: Estimator = "drop",
+    inputs: "VLMInputs",
+    method: Literal["drop", "ablate", "gradient"] = "drop",
     engine: Engine = "kv",
     batch_size: int = 32,
 ) -> ContributionResult:
@@ -270,11 +271,11 @@ def token_contributions(
     )
 
 
-def _gradient(model: Any, problem: Any) -> tuple[Tensor, float]:
+def _gradient(model: "HookedVLM", problem: "RowProblem") -> tuple[Tensor, float]:
     embeds = problem.embeds.detach().float().requires_grad_(True)
     with torch.enable_grad():
         logits, _ = model.run_language_model(
-            embeds[None], logits_to_keep=problem.answer - 1, extras=kept_extras(problem, None)
+            embeds[None], problem.positions[None], logits_to_keep=problem.answer - 1, extras=kept_extras(problem, None)
         )
         loss = answer_loss(logits[0], problem.ids[problem.answer])
         (grad,) = torch.autograd.grad(loss, embeds)

@@ -142,7 +142,7 @@ def count_curve_figure(result: Any, title: Optional[str] = None) -> Any:
 
 
 def bar_figure(labels: Sequence[str], values: Any, *, ylabel: str, title: Optional[str] = None) -> Any:
-    """A plain bar chart (e.g. contributions of Q-Former queries)."""
+    """A plain bar chart (e.g. contributions of query tokens, which have no grid)."""
     y = _np(values).reshape(-1)
     fig = new_figure(max(4.0, 0.25 * y.size + 1.5), 3.2)
     ax = fig.add_subplot(1, 1, 1)

@@ -2,11 +2,13 @@
 
 Any quantity with one value per image token (attention received, contribution to the
 loss, logit-lens match, similarity) becomes a map: ``ImageSpan.to_grid`` places each
-grid token at its (row, col); for Q-Former models, whose query tokens have no place,
+grid token at its (row, col); for query-token connectors, whose tokens have no place,
 it spreads each query's value over the patches its cross-attention reads. The map is
 stretched over the image the model saw (cell (r, c) covers rows ``r*H/rows`` to
 ``(r+1)*H/rows``), cells without a token stay transparent, and the result is composited
-at pixel level, so a value lands on exactly its patch.
+at pixel level, so a value lands on exactly its patch. Which part of the input image the
+grid covers is the family's fact (``ImageSpan.boxes``, from the adapter's
+``token_boxes``); :func:`model_view_image` cuts that part out.
 """
 
 from __future__ import annotations
@@ -49,16 +51,38 @@ def span_values(values: Any, layout: Any, row: int = 0, image: int = 0) -> Float
     )
 
 
-def model_view_image(inputs: Any, processor: Any = None, row: int = 0, image: int = 0) -> PIL.Image.Image:
-    """The image as the model saw it (resized, cropped), from the processed pixels.
+def grid_region(span: Any) -> Optional[tuple[float, float, float, float]]:
+    """(x0, y0, x1, y1): the part of the input image the span's whole-image grid (tile 0)
+    covers, from its tokens' boxes; None when the span has no boxes or no grid."""
+    boxes = getattr(span, "boxes", None)
+    if boxes is None or span.grid is None:
+        return None
+    on = boxes[span.on_grid]
+    on = on[torch.isfinite(on).all(1)]
+    if on.numel() == 0:
+        return None
+    return float(on[:, 0].min()), float(on[:, 1].min()), float(on[:, 2].max()), float(on[:, 3].max())
 
-    Undoes the processor's normalisation when the processor returns one whole image per
-    input image (``pixel_values`` of shape ``[n_images, 3, H, W]``: LLaVA-1.5's resize
-    and centre crop, BLIP-2's resize, ...). Other layouts (tiles, crops, flattened
-    patches) fall back to the original image: their tile-0 grid covers the whole image,
-    which is what stretching the grid over the original shows.
+
+def model_view_image(inputs: Any, processor: Any = None, row: int = 0, image: int = 0) -> PIL.Image.Image:
+    """The part of the image the model's whole-image token grid sees, for drawing that grid on.
+
+    For inputs from ``HookedVLM.prepare`` the family adapter states each token's box on the
+    input image (``ImageSpan.boxes``): the result is the input image cut to the region its
+    tile-0 grid covers (the central square a centre-cropping processor keeps; the whole
+    image where the processor resizes it, or where the grid is a tiled family's base or
+    global image), to the nearest pixel, so a grid stretched over it lands on each token's
+    pixels. Query tokens have no boxes: their attention grid is the processed image's patch
+    grid, so, like inputs built by hand, they get the processed pixels with the processor's
+    normalisation undone when ``pixel_values`` holds one whole image per input image
+    (``[n_images, 3, H, W]``), else the original image.
     """
     original = inputs.images[row][image]
+    layout = getattr(inputs, "layout", None)
+    region = grid_region(layout.images[row][image]) if layout is not None else None
+    if region is not None:
+        x0, y0, x1, y1 = (int(round(v)) for v in region)
+        return original if (x0, y0, x1, y1) == (0, 0, *original.size) else original.crop((x0, y0, x1, y1))
     pixels = getattr(inputs, "pixel_values", None)
     image_processor = getattr(processor, "image_processor", None)
     mean = getattr(image_processor, "image_mean", None)
@@ -150,7 +174,7 @@ def image_heatmap(
     Args:
         values: One value per token of ``span`` (see :func:`span_values` to cut them
             out of a row's values).
-        span: The ``ImageSpan`` (grid, or Q-Former with ``query_attention``).
+        span: The ``ImageSpan`` (grid, or query tokens with ``query_attention``).
         image: The image to draw under the map (see :func:`model_view_image`); None
             draws the map alone.
         title: Axes title.
@@ -179,7 +203,7 @@ def image_heatmap(
     if title:
         ax.set_title(title, fontsize=10)
     if span.grid is None:
-        ax.set_xlabel("Q-Former queries spread over the patches they attend to", fontsize=8)
+        ax.set_xlabel(f"{span.tokens_name} spread over the patches they attend to", fontsize=8)
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
 

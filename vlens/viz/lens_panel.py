@@ -2,8 +2,9 @@
 
 One small map per layer (layer axis as in DESIGN.md: 0 is the input embeddings, l the
 output of block l-1). Each cell is a visual token at its (row, col); its text is the
-lens's top-1 word and its shade the top-1 probability. Q-Former query tokens have no
-grid: they are laid out in query order on a near-square grid, and the panel says so.
+lens's top-1 word and its shade the top-1 probability. Query tokens (a connector's learned
+queries) have no grid: they are laid out in query order on a near-square grid, and the
+panel says so, calling them what their span calls them (``ImageSpan.tokens_name``).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def lens_grid(
     Returns:
         ``(layers, words[layer, rows, cols], probs[layer, rows, cols], (rows, cols),
         on_grid)``; cells without an analysed token hold ``""`` and NaN. ``on_grid`` is
-        False for Q-Former query tokens laid out in query order.
+        False for query tokens laid out in query order.
     """
     top_ids = torch.as_tensor(result.top_ids)
     top_lp = torch.as_tensor(result.top_logprobs)
@@ -164,7 +165,7 @@ def lens_panel(
         ax.set_xticks([])
         ax.set_yticks([])
         ax.set_title(layer_labels(len(all_layers), [all_layers[l]])[0], fontsize=10)
-    note = "" if on_grid else " (Q-Former queries in query order: no image grid)"
+    note = "" if on_grid else f" ({layout.images[row][image].tokens_name} in query order: no image grid)"
     fig.suptitle(f"Logit lens: top-1 word per visual token, shade = its probability{note}", fontsize=10)
     fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=1 - 0.5 / fig_height, wspace=0.05, hspace=0.35)
     return fig
