@@ -188,7 +188,7 @@ class AttentionStream(Stream[AttentionResult]):
     """Streaming :func:`attention_to_image`: the same per-example values (``last_batch``) from
     hooks, and over examples the mean mass per layer and head and the mean attention each
     image token receives (over the examples with as many image tokens as the first one,
-    e.g. every LLaVA-1.5 image)."""
+    e.g. every image of a fixed-resolution family)."""
 
     def __init__(self, model: "HookedVLM", query: PositionSpec = "instruction") -> None:
         super().__init__(model, AttentionReduction(model.n_layers, query))

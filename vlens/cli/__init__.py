@@ -31,7 +31,7 @@ def main(debug: bool) -> None:
     \b
     Examples:
       vlens report                                  # toy model + generated scene -> vlens-report/
-      vlens report --model ./llava-1.5-7b --image cat.jpg --prompt "What is this?"
+      vlens report --model ./my-vlm --image cat.jpg --prompt "What is this?"
       vlens info toy
       vlens lens --figure lens.png --table lens.csv
       vlens attention --layers 0,1 --html attention.html

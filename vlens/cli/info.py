@@ -20,7 +20,7 @@ def info(model_name: str, device: Optional[str], dtype: Optional[str], stage: Op
     \b
     Examples:
       vlens info toy
-      vlens info ./llava-1.5-7b --stage connector
+      vlens info ./my-vlm --stage connector
     """
     from vlens import HookedVLM
     from vlens.data import CAPTION_QUESTION, generate_scene

@@ -51,7 +51,7 @@ def report(setup: Setup, out: str, table_format: str, attention_layers: Optional
     Examples:
       vlens report
       vlens report --seed 7 --out scene7
-      vlens report --model ./my-llava --image cat.jpg --prompt "What animal is this?" --answer "A cat."
+      vlens report --model ./my-vlm --image cat.jpg --prompt "What animal is this?" --answer "A cat."
       vlens report --device cuda --dtype float16 --table-format parquet
     """
     from vlens.viz.report import build_report

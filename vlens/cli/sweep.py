@@ -84,10 +84,10 @@ def sweep_command(ctx: click.Context, **options: Any) -> None:
     \b
     Examples:
       vlens sweep --model toy --data 500 --out runs/scenes
-      vlens sweep --model ./my-llava --data-format jsonl --data prompts.jsonl --images imgs/ \\
+      vlens sweep --model ./my-vlm --data-format jsonl --data prompts.jsonl --images imgs/ \\
           --analyses logit_lens,attention_to_image --param logit_lens.k=10 --out runs/mine
       vlens sweep --out runs/scenes --summarize-only
-      accelerate launch --num_processes 4 -m vlens.cli sweep --model llava-hf/llava-1.5-7b-hf \\
+      accelerate launch --num_processes 4 -m vlens.cli sweep --model org/vlm-7b \\
           --data-format coco --data captions_val2017.json --images val2017/ --out runs/coco
     """
     # **options: exactly the options declared above, as click parsed them (read by name below).

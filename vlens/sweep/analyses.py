@@ -254,29 +254,24 @@ class LogitLens(SweepAnalysis):
 
 def box_labels(model: "HookedVLM", batch: Batch, row: int, word_to_id: Any) -> Tensor:
     """Label id per image token of a row (-1: none): the object word whose box holds the
-    token's patch centre (the smallest such box), from the example's ``boxes``."""
+    centre of the token's pixel box (the smallest such object box), from the example's
+    ``boxes``. Token boxes are the family adapter's (``ImageSpan.boxes``); a token without
+    one (a learned query of the connector, a row-end newline) gets no label."""
     positions = batch.layout.image_positions(row)
     labels = torch.full((positions.numel(),), -1, dtype=torch.long)
     ex = batch.examples[row]
     spans = batch.layout.images[row]
     if not ex.boxes or not spans:
         return labels
-    width, height = batch.images[row].size
-    x0, y0, w, h = 0.0, 0.0, float(width), float(height)
-    if getattr(getattr(model.processor, "image_processor", None), "do_center_crop", False):
-        side = float(min(width, height))  # the grid covers the central square crop
-        x0, y0, w, h = (width - side) / 2, (height - side) / 2, side, side
     areas = [b[2] * b[3] for b in ex.boxes]
     order = sorted(range(len(ex.boxes)), key=lambda i: areas[i])
     offset = 0
     for span in spans:
-        if span.image_index == 0 and span.grid is not None:
-            rows, cols = span.grid
-            for j in range(span.n_tokens):
-                r, c = span.row_col[j].tolist()
-                if span.tile[j] != 0 or r < 0:
+        if span.image_index == 0 and span.boxes is not None:  # the example's boxes are on its first image
+            centres = ((span.boxes[:, :2] + span.boxes[:, 2:]) / 2).tolist()
+            for j, (px, py) in enumerate(centres):
+                if px != px:  # NaN: no region
                     continue
-                px, py = x0 + (c + 0.5) / cols * w, y0 + (r + 0.5) / rows * h
                 for i in order:
                     bx, by, bw, bh = ex.boxes[i]
                     if bx <= px <= bx + bw and by <= py <= by + bh:

@@ -362,7 +362,7 @@ def _input_section(ctx: _Context) -> Section:
     shown.save(png, format="PNG")
     body = figure_block(png.getvalue(), "The image as the model saw it (after the processor's resize and crop).", fig_id="fig-input")
     body += "<h3>Tokens</h3>" + _token_strip(ctx)
-    body += '<p class="caption">Image tokens read <code>&lt;img r,c&gt;</code> (row, column on the patch grid) or <code>&lt;q k&gt;</code> (Q-Former query k); the answer is green.</p>'
+    body += '<p class="caption">Image tokens read <code>&lt;img r,c&gt;</code> (row, column on the patch grid) or <code>&lt;q k&gt;</code> (query token k of a connector that reads the image through learned queries); the answer is green.</p>'
     return Section("input", "Input", body, tables={"tokens": _tokens_frame(ctx)})
 
 
@@ -508,7 +508,7 @@ def _contribution_section(ctx: _Context) -> Section:
     if ctx.span.grid is None:
         body += figure_block(
             figure_png(bar_figure(list(ctx.span.labels), values, ylabel="delta loss (nats)", title="per query token")),
-            "Per Q-Former query token.",
+            f"One bar per token ({ctx.span.tokens_name}).",
             fig_id="fig-contributions-bar",
         )
     return Section("contributions", "Contribution of each visual token", body, tables={"contributions": batched.to_frame()})
