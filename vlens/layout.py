@@ -56,8 +56,8 @@ class ImageSpan:
     """
 
     image_index: int
-    positions: Int[Tensor, "n"]
-    tile: Int[Tensor, "n"]
+    positions: Int[Tensor, " n"]
+    tile: Int[Tensor, " n"]
     row_col: Int[Tensor, "n 2"]
     tile_grids: dict[int, tuple[int, int]]
     labels: tuple[str, ...]
@@ -91,11 +91,11 @@ class ImageSpan:
         return self.query_label or "query tokens"
 
     @property
-    def on_grid(self) -> Bool[Tensor, "n"]:
+    def on_grid(self) -> Bool[Tensor, " n"]:
         """Tokens of tile 0 that sit on its grid (the ones a heatmap of the image shows)."""
         return (self.tile == 0) & (self.row_col[:, 0] >= 0)
 
-    def to_grid(self, values: Float[Tensor, "n"]) -> Float[Tensor, "rows cols"]:
+    def to_grid(self, values: Float[Tensor, " n"]) -> Float[Tensor, "rows cols"]:
         """Lay one value per token of this span out on the image's patch grid.
 
         For grid images, the tile-0 tokens are placed at their (row, col); cells no
@@ -149,8 +149,8 @@ class TokenLayout:
     prefix_mask: Bool[Tensor, "batch pos"]
     instruction_mask: Bool[Tensor, "batch pos"]
     answer_mask: Bool[Tensor, "batch pos"]
-    answer_start: Int[Tensor, "batch"]
-    lengths: Int[Tensor, "batch"]
+    answer_start: Int[Tensor, " batch"]
+    lengths: Int[Tensor, " batch"]
     extras: dict = field(default_factory=dict)
 
     @property
@@ -170,7 +170,7 @@ class TokenLayout:
     def has_answer(self) -> bool:
         return bool(self.answer_mask.any())
 
-    def image_positions(self, row: int = 0) -> Int[Tensor, "n"]:
+    def image_positions(self, row: int = 0) -> Int[Tensor, " n"]:
         """All image-token positions of one row, every image concatenated."""
         return self.image_mask[row].nonzero().flatten()
 
@@ -222,7 +222,7 @@ class TokenLayout:
 
 def grid_span(
     image_index: int,
-    positions: Int[Tensor, "n"],
+    positions: Int[Tensor, " n"],
     rows: int,
     cols: int,
     label: str = "img",
@@ -254,7 +254,7 @@ def grid_span(
     )
 
 
-def contiguous_runs(positions: Int[Tensor, "n"]) -> list[Int[Tensor, "m"]]:
+def contiguous_runs(positions: Int[Tensor, " n"]) -> list[Int[Tensor, " m"]]:
     """Split ascending positions into runs of consecutive integers."""
     if positions.numel() == 0:
         return []

@@ -155,6 +155,7 @@ def _cached_snapshot(repo_id: str) -> Optional[str]:
 
 
 def load_config(source: str) -> Any:
+    """The checkpoint's Hugging Face config, with errors that say what is wrong with the source."""
     from transformers import AutoConfig
 
     try:
@@ -168,6 +169,7 @@ def load_config(source: str) -> Any:
 
 
 def load_processor(source: str) -> Any:
+    """The checkpoint's processor (tokenizer and image processor)."""
     from transformers import AutoProcessor
 
     try:

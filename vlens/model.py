@@ -56,7 +56,7 @@ class Generation:
         text: Per row, the decoded new tokens (special tokens dropped).
     """
 
-    tokens: tuple[Int[Tensor, "new"], ...]
+    tokens: tuple[Int[Tensor, " new"], ...]
     text: tuple[str, ...]
 
 
@@ -430,7 +430,7 @@ class HookedVLM:
         attention_mask: Optional[Int[Tensor, "batch kv_pos"]] = None,
         past_key_values: Any = None,
         use_cache: bool = False,
-        logits_to_keep: Optional[Int[Tensor, "keep"]] = None,
+        logits_to_keep: Optional[Int[Tensor, " keep"]] = None,
         extras: Optional[dict[str, Tensor]] = None,
     ) -> tuple[Float[Tensor, "batch keep d_vocab"], Any]:
         """Run the language model alone on given input embeddings (hooks fire as usual).

@@ -5,8 +5,6 @@ from __future__ import annotations
 import warnings
 from typing import Any, Optional, Sequence, Union
 
-import torch
-
 from vlens.adapters.base import VisionPrefixAdapter
 from vlens.errors import PromptError
 from vlens.images import to_rgb

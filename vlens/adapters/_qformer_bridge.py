@@ -39,9 +39,8 @@ from types import SimpleNamespace
 from typing import Any, Optional
 
 import torch
-
-from vlens import _tl  # noqa: F401  (restores the transformers log level TL's import changes)
 from transformer_lens.factories.architecture_adapter_factory import ArchitectureAdapterFactory
+from transformer_lens.hook_points import HookPoint
 from transformer_lens.model_bridge.architecture_adapter import ArchitectureAdapter
 from transformer_lens.model_bridge.generalized_components import (
     AttentionBridge,
@@ -51,10 +50,10 @@ from transformer_lens.model_bridge.generalized_components import (
     VisionProjectionBridge,
 )
 from transformer_lens.model_bridge.generalized_components.base import GeneralizedComponent
-from transformer_lens.hook_points import HookPoint
 from transformer_lens.model_bridge.supported_architectures.llama import LlamaArchitectureAdapter
 from transformer_lens.model_bridge.supported_architectures.opt import OptArchitectureAdapter
 
+from vlens import _tl  # noqa: F401  (restores the transformers log level TL's import changes)
 from vlens.errors import UnsupportedArchitectureError
 
 # Language towers the adapter maps, with the TransformerLens adapter whose mapping it reuses.

@@ -259,7 +259,7 @@ class VisionPrefixAdapter(ABC):
     whose image tokens attend to later ones (bidirectionally within an image)."""
 
     def positions_after_removal(
-        self, positions: Int[Tensor, "*axes pos"], keep: Bool[Tensor, "pos"]
+        self, positions: Int[Tensor, "*axes pos"], keep: Bool[Tensor, " pos"]
     ) -> Int[Tensor, "*axes n"]:
         """Position ids of one row with only the ``keep`` positions left, given the positions
         the model gave the full row; ``[n]`` (1-D) or ``[axes, n]`` (multi-axis rotary). Its

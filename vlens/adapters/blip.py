@@ -37,10 +37,9 @@ from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 import PIL.Image
 import torch
-from transformers import BatchFeature
-
 from jaxtyping import Float
 from torch import Tensor
+from transformers import BatchFeature
 
 from vlens.adapters import _qformer_bridge
 from vlens.adapters.base import VisionPrefixAdapter

@@ -123,8 +123,8 @@ class SequentialPositions:
     family: ClassVar[str]
 
     def positions_after_removal(
-        self, positions: Int[Tensor, "pos"], keep: Bool[Tensor, "pos"]
-    ) -> Int[Tensor, "n"]:
+        self, positions: Int[Tensor, " pos"], keep: Bool[Tensor, " pos"]
+    ) -> Int[Tensor, " n"]:
         """Position ids of the sequence that keeps only the ``keep`` positions.
 
         Args:
@@ -152,7 +152,7 @@ class SequentialPositions:
             )
         return torch.arange(int(keep.sum()), device=positions.device)
 
-    def text_positions(self, n: int, device: torch.device) -> Int[Tensor, "n"]:
+    def text_positions(self, n: int, device: torch.device) -> Int[Tensor, " n"]:
         """Position ids of a sequence of ``n`` text tokens with nothing before them."""
         return torch.arange(n, device=device)
 

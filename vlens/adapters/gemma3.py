@@ -21,10 +21,9 @@ import math
 from typing import Any
 
 import torch
-from transformers import BatchFeature
-
 from jaxtyping import Float
 from torch import Tensor
+from transformers import BatchFeature
 
 from vlens.adapters._geometry import Frame, cell_boxes, clip_to_image, resized_size
 from vlens.adapters.base import VisionPrefixAdapter, expect
@@ -34,6 +33,7 @@ from vlens.layout import ImageSpan, contiguous_runs, grid_span
 
 
 class Gemma3Adapter(SequentialPositions, VisionPrefixAdapter):
+    """Gemma 3: SigLIP tower, pooled soft tokens, a language model bidirectional over each image."""
     family = "gemma3"
     hf_architectures = ("Gemma3ForConditionalGeneration",)
     tl_architecture = "Gemma3ForConditionalGeneration"

@@ -29,10 +29,9 @@ import re
 from typing import Any
 
 import torch
-from transformers import BatchFeature
-
 from jaxtyping import Float
 from torch import Tensor
+from transformers import BatchFeature
 
 from vlens.adapters._geometry import Frame, cell_boxes, clip_to_image, size_get
 from vlens.adapters.base import VisionPrefixAdapter, expect
@@ -83,6 +82,7 @@ def crop_multiple_size(height: int, width: int, crop: int) -> tuple[int, int]:
 
 
 class Idefics3Adapter(SequentialPositions, VisionPrefixAdapter):
+    """Idefics3 / SmolVLM: SigLIP crops and a global image, pixel-shuffled, between markers."""
     family = "idefics3"
     hf_architectures = ("Idefics3ForConditionalGeneration",)
     tl_architecture = "Idefics3ForConditionalGeneration"

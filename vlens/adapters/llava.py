@@ -17,10 +17,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers import BatchFeature
-
 from jaxtyping import Float
 from torch import Tensor
+from transformers import BatchFeature
 
 from vlens.adapters._geometry import cell_boxes, clip_style_frame, clip_to_image
 from vlens.adapters.base import VisionPrefixAdapter, expect
@@ -32,6 +31,7 @@ LLAMA_STYLE_TEXT_MODELS = ("llama", "mistral", "qwen2")
 
 
 class LlavaAdapter(SequentialPositions, VisionPrefixAdapter):
+    """LLaVA-1.5: a CLIP or SigLIP tower, an MLP projector, one fixed grid per image."""
     family = "llava"
     hf_architectures = ("LlavaForConditionalGeneration",)
     tl_architecture = "LlavaForConditionalGeneration"

@@ -28,11 +28,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import BatchFeature
-from transformers.image_processing_utils import select_best_resolution
-
 from jaxtyping import Float
 from torch import Tensor
+from transformers import BatchFeature
+from transformers.image_processing_utils import select_best_resolution
 
 from vlens.adapters._geometry import Frame, cell_boxes, center_crop, clip_to_image, resized_size, size_get
 from vlens.adapters.base import VisionPrefixAdapter, expect
@@ -138,6 +137,7 @@ def patch_output_size(height: int, width: int, target_height: int, target_width:
 
 
 class LlavaNextAdapter(SequentialPositions, VisionPrefixAdapter):
+    """LLaVA-NeXT: anyres, a base grid and unpadded high-resolution tiles with newline tokens."""
     family = "llava_next"
     hf_architectures = ("LlavaNextForConditionalGeneration",)
     tl_architecture = "LlavaNextForConditionalGeneration"

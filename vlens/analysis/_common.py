@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import typing
-from typing import Any, Callable, ClassVar, Iterable, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import pandas as pd
@@ -22,6 +22,10 @@ from torch import Tensor
 
 from vlens.errors import AnalysisInputError
 from vlens.layout import TokenLayout
+
+if TYPE_CHECKING:
+    from vlens.cache import VLMCache
+    from vlens.model import HookedVLM
 
 SEGMENTS = ("image", "text", "prefix", "instruction", "answer", "marker", "real", "last")
 PositionSpec = Union[str, Tensor, Sequence[int]]
@@ -50,7 +54,7 @@ def pattern_hooks(n_layers: int) -> list[str]:
     return [f"blocks.{l}.attn.hook_pattern" for l in range(n_layers)]
 
 
-def check_cached(cache: Any, names: Iterable[str], analysis: str, module: str, hint: str = "required_hooks(model)") -> None:
+def check_cached(cache: "VLMCache", names: Iterable[str], analysis: str, module: str, hint: str = "required_hooks(model)") -> None:
     """Raise ``AnalysisInputError`` naming the hooks a cache lacks."""
     missing = [n for n in names if n not in cache]
     if missing:
@@ -69,7 +73,7 @@ def n_layers_of(model_or_cache: Any) -> int:
 # ---- positions ----------------------------------------------------------------------
 
 
-def row_positions(layout: TokenLayout, spec: PositionSpec, row: int, what: str = "positions") -> Int[Tensor, "n"]:
+def row_positions(layout: TokenLayout, spec: PositionSpec, row: int, what: str = "positions") -> Int[Tensor, " n"]:
     """Sequence positions of one row chosen by a segment name, a mask or explicit indices.
 
     Args:
@@ -110,7 +114,7 @@ def check_nonempty(positions: Tensor, what: str, spec: Any, row: int) -> None:
         raise AnalysisInputError(f"{what}={spec!r} selects no position in row {row}")
 
 
-def image_positions(layout: TokenLayout, row: int) -> Int[Tensor, "n"]:
+def image_positions(layout: TokenLayout, row: int) -> Int[Tensor, " n"]:
     """Every image-token position of a row (all images, in sequence order)."""
     positions = layout.image_positions(row)
     if positions.numel() == 0:
@@ -288,7 +292,7 @@ def long_frame(
 # ---- float32 read-out ---------------------------------------------------------------
 
 
-def fp32_final_norm(model: Any) -> Callable[[Tensor], Tensor]:
+def fp32_final_norm(model: "HookedVLM") -> Callable[[Tensor], Tensor]:
     """The language model's final norm computing in float32 (a float32 copy if needed), on
     the norm's own device (under a ``device_map`` the layers live on several devices)."""
     module = model.bridge.ln_final.original_component
@@ -299,7 +303,7 @@ def fp32_final_norm(model: Any) -> Callable[[Tensor], Tensor]:
     return lambda x: module(x.float().to(device)).float()
 
 
-def fp32_unembed(model: Any) -> Callable[[Tensor], Tensor]:
+def fp32_unembed(model: "HookedVLM") -> Callable[[Tensor], Tensor]:
     """The unembedding (``lm_head``) computing in float32."""
     head = model.hf_model.get_output_embeddings()
     weight = head.weight.detach().float()

@@ -28,6 +28,7 @@ from vlens.analysis.streaming import Reduction, Stream
 from vlens.errors import AnalysisInputError
 
 if TYPE_CHECKING:
+    from vlens.cache import VLMCache
     from vlens.layout import TokenLayout
     from vlens.model import HookedVLM
 
@@ -99,7 +100,7 @@ class SinkTokens(BatchedResult):
     image_positions: Int[Tensor, "batch img"]
     factor: float
 
-    def positions(self, layer: int, row: int = 0) -> Int[Tensor, "n"]:
+    def positions(self, layer: int, row: int = 0) -> Int[Tensor, " n"]:
         """Sequence positions of the sinks at one layer of one row."""
         return self.image_positions[row][self.is_sink[row, layer]]
 
@@ -143,7 +144,7 @@ class AttentionReduction(Reduction[AttentionResult]):
         return AttentionResult(**{key: stack_rows([r[key] for r in rows]) for key in rows[0]})
 
 
-def attention_to_image(cache: Any, query: PositionSpec = "instruction") -> AttentionResult:
+def attention_to_image(cache: "VLMCache", query: PositionSpec = "instruction") -> AttentionResult:
     """Attention mass on image keys per layer and head (see :class:`AttentionResult`).
 
     Args:
@@ -175,7 +176,7 @@ class AttentionStats(ShortRepr):
     n_received: int
 
     @property
-    def per_layer(self) -> Float[Tensor, "layer"]:
+    def per_layer(self) -> Float[Tensor, " layer"]:
         """Mass on the image per layer, mean over heads."""
         return self.mass.mean(-1)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import pandas as pd
 import torch
@@ -21,8 +21,11 @@ from vlens.analysis._common import ShortRepr, long_frame, resid_hooks, typecheck
 from vlens.analysis.similarity import unit
 from vlens.errors import AnalysisInputError
 
+if TYPE_CHECKING:
+    from vlens.model import HookedVLM
 
-def required_hooks(model: Any) -> list[str]:
+
+def required_hooks(model: "HookedVLM") -> list[str]:
     """Hooks :func:`prompt_dependence` caches (it runs the model itself)."""
     return resid_hooks(model.n_layers)
 
@@ -48,9 +51,9 @@ class PromptDependenceResult(ShortRepr):
         prompts: The prompts.
     """
 
-    per_layer: Float[Tensor, "layer"]
+    per_layer: Float[Tensor, " layer"]
     per_token: Float[Tensor, "layer img"]
-    max_abs_diff: Float[Tensor, "layer"]
+    max_abs_diff: Float[Tensor, " layer"]
     image_positions: Int[Tensor, "prompt img"]
     prompts: tuple[str, ...]
 
@@ -61,7 +64,7 @@ class PromptDependenceResult(ShortRepr):
         )
 
 
-def prompt_dependence(model: Any, image: Any, prompts: Sequence[str]) -> PromptDependenceResult:
+def prompt_dependence(model: "HookedVLM", image: Any, prompts: Sequence[str]) -> PromptDependenceResult:
     """Per layer, how much the image tokens' states vary across prompts (see
     :class:`PromptDependenceResult`).
 

@@ -61,9 +61,9 @@ class RowProblem:
 
     embeds: Float[Tensor, "pos d_model"]
     positions: Int[Tensor, "*axes pos"]
-    ids: Int[Tensor, "pos"]
-    answer: Int[Tensor, "n_answer"]
-    image: Int[Tensor, "img"]
+    ids: Int[Tensor, " pos"]
+    answer: Int[Tensor, " n_answer"]
+    image: Int[Tensor, " img"]
     extras: dict[str, Tensor]
 
 
@@ -104,7 +104,7 @@ def answer_loss(
     logits: Float[Tensor, "*rows m vocab"],
     targets: Int[Tensor, "*rows n"],
     at: Optional[Int[Tensor, "*rows n"]] = None,
-) -> Float[Tensor, "*rows"]:
+) -> Float[Tensor, " *rows"]:
     """The answer loss: mean cross-entropy (natural log, float32) of the targets.
 
     The one definition every analysis, the sweep and the report use. Target i is predicted
@@ -122,7 +122,7 @@ def answer_loss(
     return (lse - target_logit).mean(-1)
 
 
-def answer_losses(logits: Float[Tensor, "batch pos vocab"], inputs: Any) -> list[float]:
+def answer_losses(logits: Float[Tensor, "batch pos vocab"], inputs: "VLMInputs") -> list[float]:
     """Per row of a batch, the answer loss from its full-sequence logits (NaN without an answer)."""
     layout = inputs.layout
     out = []
@@ -216,7 +216,7 @@ def variant_losses(
     engine: Engine = "kv",
     batch_size: int = 32,
     max_tokens: int = MAX_TOKENS,
-) -> tuple[Float[Tensor, "variant"], EngineRun]:
+) -> tuple[Float[Tensor, " variant"], EngineRun]:
     """The answer loss of each variant of a row (``keeps[v]``: positions it keeps), and the
     engine that computed them.
 

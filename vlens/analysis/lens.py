@@ -29,6 +29,8 @@ from vlens.analysis.streaming import Reduction, Stream
 from vlens.errors import AnalysisInputError
 
 if TYPE_CHECKING:
+    from vlens.cache import VLMCache
+    from vlens.inputs import VLMInputs
     from vlens.layout import TokenLayout
     from vlens.model import HookedVLM
 
@@ -77,8 +79,8 @@ class LensResult(BatchedResult):
     top_ids: Int[Tensor, "batch layer pos k"]
     top_logprobs: Float[Tensor, "batch layer pos k"]
     positions: Int[Tensor, "batch pos"]
-    layers: Int[Tensor, "layer"]
-    word_ids: Optional[Int[Tensor, "word"]] = None
+    layers: Int[Tensor, " layer"]
+    word_ids: Optional[Int[Tensor, " word"]] = None
     word_logprobs: Optional[Float[Tensor, "batch layer pos word"]] = None
     word_ranks: Optional[Int[Tensor, "batch layer pos word"]] = None
     label_ids: Optional[Int[Tensor, "batch pos"]] = None
@@ -92,7 +94,7 @@ class LensResult(BatchedResult):
         """Per layer, the fraction of positions whose label (-1: none) is in the top-k."""
         return _match_rate(self.top_ids, torch.as_tensor(label_ids))
 
-    def hit_rate(self, ids: Sequence[Int[Tensor, "n"]]) -> Float[Tensor, "batch layer"]:
+    def hit_rate(self, ids: Sequence[Int[Tensor, " n"]]) -> Float[Tensor, "batch layer"]:
         """Per layer, the fraction of a row's positions whose top-k holds any of that row's
         ``ids[b]`` (e.g. the scene's object words; NaN for a row with no id)."""
         out = torch.full(self.top_ids.shape[:2], float("nan"))
@@ -212,7 +214,7 @@ class LensReduction(Reduction[LensResult]):
     :class:`LensResult`), shared by :func:`logit_lens` and :class:`LensStream`.
 
     Args:
-        labels_of: ``labels_of(layout, row, n) -> Int[Tensor, "n"]``, the expected id at each
+        labels_of: ``labels_of(layout, row, n) -> Int[Tensor, " n"]``, the expected id at each
             of the row's ``n`` chosen positions (-1: none), or None for no labels.
     """
 
@@ -288,7 +290,7 @@ class LensReduction(Reduction[LensResult]):
 
 def logit_lens(
     model: "HookedVLM",
-    cache: Any,
+    cache: "VLMCache",
     positions: PositionSpec = "image",
     layers: Optional[Sequence[int]] = None,
     k: int = 10,
@@ -345,8 +347,8 @@ class LensStats(ShortRepr):
         k: The top-k the match rate counts.
     """
 
-    top1_logprob: Float[Tensor, "layer"]
-    match_rate: Optional[Float[Tensor, "layer"]]
+    top1_logprob: Float[Tensor, " layer"]
+    match_rate: Optional[Float[Tensor, " layer"]]
     n_examples: int
     k: int
 
@@ -366,7 +368,7 @@ class LensStream(Stream[LensResult]):
         model: The ``HookedVLM``.
         positions: Which positions of each row (default every image token).
         k: Top-k for the match rate.
-        labels: Optional ``labels(inputs, row) -> Int[Tensor, "pos"]``, the expected token
+        labels: Optional ``labels(inputs, row) -> Int[Tensor, " pos"]``, the expected token
             id at each chosen position of a row (-1: none; a row with no label has a NaN
             match rate, left out of the mean).
         layers: Layer indices in ``0..n_layers`` (default: all ``n_layers + 1``).
@@ -386,7 +388,7 @@ class LensStream(Stream[LensResult]):
         super().__init__(model, LensReduction(model, positions, layers, k, None, labels_of))
         self.k = k
 
-    def hooks(self, inputs: Any) -> list:
+    def hooks(self, inputs: "VLMInputs") -> list:
         self._inputs = inputs
         return super().hooks(inputs)
 

@@ -27,6 +27,7 @@ from vlens.analysis.streaming import CurveStats, Reduction, Stream
 from vlens.errors import AnalysisInputError
 
 if TYPE_CHECKING:
+    from vlens.cache import VLMCache
     from vlens.layout import TokenLayout
     from vlens.model import HookedVLM
 
@@ -99,12 +100,13 @@ class SimilarityResult(BatchedResult):
 
 
 def unit(x: Tensor) -> Tensor:
+    """Each row scaled to unit norm (a zero row stays near zero)."""
     return x / x.norm(dim=-1, keepdim=True).clamp_min(EPS)
 
 
 def max_cosine_to_vocab(
     states: Float[Tensor, "n d"], vocab_unit: Float[Tensor, "vocab d"], chunk: int = 8192
-) -> tuple[Float[Tensor, "n"], Int[Tensor, "n"]]:
+) -> tuple[Float[Tensor, " n"], Int[Tensor, " n"]]:
     """Maximum cosine of each state to any (unit-normalised) vocabulary row, and its id."""
     s = unit(states.float())
     best = torch.full((s.shape[0],), -float("inf"), device=s.device)
@@ -124,6 +126,7 @@ def vocab_unit(model: "HookedVLM") -> Float[Tensor, "vocab d_model"]:
 
 
 def check_against(against: str) -> None:
+    """Raise ``AnalysisInputError`` for an unknown comparison."""
     if against not in AGAINST:
         raise AnalysisInputError(f"unknown against={against!r}; choose one of {list(AGAINST)}")
 
@@ -194,7 +197,7 @@ class SimilarityReduction(Reduction[SimilarityResult]):
 
 def modality_similarity(
     model: "HookedVLM",
-    cache: Any,
+    cache: "VLMCache",
     against: Against = "text_states",
     text: PositionSpec = "instruction",
 ) -> SimilarityResult:

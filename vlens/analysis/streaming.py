@@ -34,6 +34,8 @@ from vlens.analysis._common import ShortRepr, long_frame, typechecked
 from vlens.errors import AnalysisInputError
 
 if TYPE_CHECKING:
+    from vlens.cache import VLMCache
+    from vlens.inputs import VLMInputs
     from vlens.layout import TokenLayout
     from vlens.model import HookedVLM
 
@@ -73,7 +75,7 @@ class Reduction(ABC, Generic[ResultT]):
             raise AnalysisInputError(f"{type(self).__name__} needs the token ids (cache embed.hook_in)")
         return [self.context(layout, row, input_ids) for row in range(layout.batch_size)]
 
-    def on_cache(self, cache: Any) -> ResultT:
+    def on_cache(self, cache: "VLMCache") -> ResultT:
         """The cache form: ``reduce`` over every row and hook of a cache."""
         ids = cache["embed.hook_in"] if self.needs_ids else None
         ctxs = self.contexts(cache.layout, ids)
@@ -151,7 +153,7 @@ class Stream(ABC, Generic[ResultT]):
 
     # ---- one batch ---------------------------------------------------------------------
 
-    def hooks(self, inputs: Any) -> list[tuple[str, HookFn]]:
+    def hooks(self, inputs: "VLMInputs") -> list[tuple[str, HookFn]]:
         """Hooks for one forward pass of ``inputs`` (then call :meth:`commit`)."""
         self._begin(inputs.layout, inputs.input_ids)
 
@@ -169,7 +171,7 @@ class Stream(ABC, Generic[ResultT]):
 
         return [(name, make(i)) for i, name in enumerate(self.names)]
 
-    def reduce_cache(self, cache: Any) -> None:
+    def reduce_cache(self, cache: "VLMCache") -> None:
         """The same reductions over a cache that holds these hooks (then call :meth:`commit`)."""
         ids = cache["embed.hook_in"] if self.reduction.needs_ids else None
         self._begin(cache.layout, ids)
@@ -203,7 +205,7 @@ class Stream(ABC, Generic[ResultT]):
                     self._sums.setdefault(key, _Sums()).add(value)
             self._n += 1
 
-    def update(self, inputs: Any) -> None:
+    def update(self, inputs: "VLMInputs") -> None:
         """Run one forward pass of ``inputs`` with the hooks, and accumulate."""
         with torch.no_grad(), self.model.hooks(self.hooks(inputs)):
             self.model.forward(inputs)
@@ -245,7 +247,7 @@ class Stream(ABC, Generic[ResultT]):
         """The aggregate over every example accumulated."""
 
 
-def run_streams(model: "HookedVLM", inputs: Any, streams: Sequence[Stream], cache_names: Sequence[str] = ()) -> Any:
+def run_streams(model: "HookedVLM", inputs: "VLMInputs", streams: Sequence[Stream], cache_names: Sequence[str] = ()) -> Any:
     """One forward pass of ``inputs`` feeding every stream, each committed after it.
 
     Returns a CPU cache of ``cache_names`` only (None when none is asked for), e.g. the few
@@ -275,8 +277,8 @@ class CurveStats(ShortRepr):
         name: What the curve measures (``"similarity:text_states"``, ``"attention_mass"``).
     """
 
-    per_layer: Float[Tensor, "layer"]
-    std: Float[Tensor, "layer"]
+    per_layer: Float[Tensor, " layer"]
+    std: Float[Tensor, " layer"]
     n_examples: int
     name: str
 

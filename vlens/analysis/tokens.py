@@ -9,7 +9,7 @@ moving one position earlier (see :mod:`vlens.analysis.knockout`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Literal, Optional, Sequence, Union
 
 import pandas as pd
 import torch
@@ -69,9 +69,9 @@ class CountCurveResult(BatchedResult):
 
     ragged = {"img": "order"}
 
-    counts: Int[Tensor, "n"]
+    counts: Int[Tensor, " n"]
     loss: Float[Tensor, "batch n"]
-    full_loss: Float[Tensor, "batch"]
+    full_loss: Float[Tensor, " batch"]
     order: Int[Tensor, "batch img"]
     engine: Engine
     engine_reason: str = ""
@@ -113,7 +113,7 @@ class ContributionResult(BatchedResult):
 
     delta_loss: Float[Tensor, "batch img"]
     image_positions: Int[Tensor, "batch img"]
-    full_loss: Float[Tensor, "batch"]
+    full_loss: Float[Tensor, " batch"]
     estimator: Estimator
     engine: Optional[Engine] = None
     engine_reason: str = ""
@@ -179,7 +179,8 @@ def token_count_curve(
             only each count's suffix, batched (with the raster order the suffix is the
             text after the image); ``"naive"`` runs one full forward per count. Both give
             the same losses. Families whose language model is not causal over the image
-            fall back to ``"naive"`` (``engine`` in the result says which ran).
+            fall back to ``"naive"`` (``engine`` and ``engine_reason`` in the result say
+            which ran and why).
         seed: Seed of the random order.
         batch_size: At most how many counts run together with ``"kv"`` (a batch also
             stays within ``knockout.MAX_TOKENS`` padded suffix tokens).
@@ -223,7 +224,7 @@ def token_count_curve(
 def token_contributions(
     model: "HookedVLM",
     inputs: "VLMInputs",
-    method: Literal["drop", "ablate", "gradient"] = "drop",
+    estimator: Estimator = "drop",
     engine: Engine = "kv",
     batch_size: int = 32,
 ) -> ContributionResult:

@@ -143,7 +143,8 @@ class Setup:
         if user_image is None:
             from vlens.data import CAPTION_QUESTION, generate_scene
 
-            self.scene = generate_scene(seed)
+            # Drawn at the resolution the family sees, so the scene's cells are its token cells.
+            self.scene = generate_scene(seed, **self.model.adapter.scene_geometry().scene_kwargs())
             self.image = self.scene.image
             self.source = f"generated scene (seed {seed})"
             if prompt is None:

@@ -42,7 +42,7 @@ def info(model_name: str, device: Optional[str], dtype: Optional[str], stage: Op
         click.echo(f"every {stage} hook:")
         for hook in model.hook_names(stage):
             click.echo(f"  {hook}")
-    inputs = model.prepare(generate_scene(0).image, CAPTION_QUESTION)
+    inputs = model.prepare(generate_scene(0, **model.adapter.scene_geometry().scene_kwargs()).image, CAPTION_QUESTION)
     layout = inputs.layout
     tokens = model.to_str_tokens(inputs)
     click.echo(f"sample input: generated scene 0 + {CAPTION_QUESTION!r} -> {int(layout.lengths[0])} tokens")

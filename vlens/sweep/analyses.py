@@ -28,6 +28,7 @@ from vlens.analysis.tokens import token_count_curve
 from vlens.errors import AnalysisInputError
 
 if TYPE_CHECKING:
+    from vlens.cache import VLMCache
     from vlens.inputs import VLMInputs
     from vlens.model import HookedVLM
 
@@ -94,7 +95,7 @@ class SweepAnalysis:
         stream = self.stream_for(model)
         return [] if stream is None else stream.hooks(batch.inputs)
 
-    def reduce_cache(self, model: "HookedVLM", batch: Batch, cache: Any) -> None:
+    def reduce_cache(self, model: "HookedVLM", batch: Batch, cache: "VLMCache") -> None:
         """The same reductions over a cache of the batch (the ``stream=False`` form)."""
         stream = self.stream_for(model)
         if stream is not None:

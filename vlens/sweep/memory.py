@@ -11,11 +11,14 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 import torch
 
 from vlens.errors import MemoryBudgetError, SweepConfigError
+
+if TYPE_CHECKING:
+    from vlens.model import HookedVLM
 
 _UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "m": 1024**2, "mb": 1024**2, "g": 1024**3, "gb": 1024**3,
           "t": 1024**4, "tb": 1024**4}
@@ -53,6 +56,7 @@ class MemoryEstimate:
 
 
 def fmt_bytes(n: float) -> str:
+    """A byte count in B / KiB / MiB / GiB / TiB."""
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(n) < 1024:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -100,12 +104,13 @@ def available_bytes(device: torch.device) -> float:
     return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
 
 
-def model_bytes(model: Any) -> int:
+def model_bytes(model: "HookedVLM") -> int:
+    """Bytes of the model's parameters and buffers."""
     module = model.hf_model
     return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
 
 
-def forward_bytes(model: Any, batch: int, seq: int) -> int:
+def forward_bytes(model: "HookedVLM", batch: int, seq: int) -> int:
     """One no-grad forward: a few residual-sized tensors, one layer's MLP and eager
     attention scores, and the float32 logits."""
     cfg = model.cfg
@@ -120,7 +125,7 @@ def forward_bytes(model: Any, batch: int, seq: int) -> int:
     return resid + mlp + attn + logits + vision
 
 
-def cache_bytes(model: Any, names: Sequence[str], batch: int, seq: int) -> int:
+def cache_bytes(model: "HookedVLM", names: Sequence[str], batch: int, seq: int) -> int:
     """Everything ``run_with_cache`` keeps for these hook names."""
     cfg = model.cfg
     elt = torch.finfo(model.dtype).bits // 8
@@ -133,7 +138,7 @@ def cache_bytes(model: Any, names: Sequence[str], batch: int, seq: int) -> int:
     return total
 
 
-def estimate_memory(model: Any, analyses: Sequence[Any], batch_size: int, seq_len: int,
+def estimate_memory(model: "HookedVLM", analyses: Sequence[Any], batch_size: int, seq_len: int,
                     n_image_tokens: int) -> MemoryEstimate:
     """Peak memory of one batch of the sweep (see the module docstring)."""
     per: dict[str, int] = {}

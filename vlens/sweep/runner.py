@@ -16,16 +16,19 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 import torch
 
+from vlens.analysis.knockout import answer_losses
 from vlens.data.loaders import Example, ExampleSet
 from vlens.errors import DatasetError, SweepConfigError, VLensError
 from vlens.sweep import store
-from vlens.analysis.knockout import answer_losses
 from vlens.sweep.analyses import DEFAULT_ANALYSES, Batch, SweepAnalysis, build_analyses
 from vlens.sweep.memory import MemoryEstimate, check_budget, estimate_memory, fmt_bytes, parse_bytes
+
+if TYPE_CHECKING:
+    from vlens.model import HookedVLM
 
 log = logging.getLogger("vlens.sweep")
 
@@ -101,7 +104,7 @@ def _load(data: ExampleSet, index: int, skip_bad: bool) -> tuple[Optional[Exampl
         return None, None, exc.reason
 
 
-def _process(model: Any, analyses: list[SweepAnalysis], data: ExampleSet, indices: list[int], skip_bad: bool,
+def _process(model: "HookedVLM", analyses: list[SweepAnalysis], data: ExampleSet, indices: list[int], skip_bad: bool,
              chat_template: bool, budget: float) -> list[dict[str, Any]]:
     """One batch: load, prepare, check the memory estimate of this batch, forward with the
     streaming hooks, and the rows (error rows for examples skipped)."""
@@ -143,7 +146,7 @@ def _process(model: Any, analyses: list[SweepAnalysis], data: ExampleSet, indice
     return [rows[i] for i in indices]
 
 
-def _prepare(model: Any, good: list, rows: dict[int, dict[str, Any]], skip_bad: bool,
+def _prepare(model: "HookedVLM", good: list, rows: dict[int, dict[str, Any]], skip_bad: bool,
              chat_template: bool) -> tuple[list, Any]:
     """The batch's inputs. With skip_bad, examples the processor refuses become error rows
     (found one by one) and the rest form the batch."""
@@ -279,7 +282,7 @@ def run(
     return SweepReport(out, len(ids), len(done), processed, errors, estimate, seconds, summary)
 
 
-def _estimate(model: Any, analyses: list[SweepAnalysis], data: ExampleSet, indices: list[int], skip_bad: bool,
+def _estimate(model: "HookedVLM", analyses: list[SweepAnalysis], data: ExampleSet, indices: list[int], skip_bad: bool,
               chat_template: bool) -> MemoryEstimate:
     """Estimate from the layout of the first batch this process will run."""
     good = []

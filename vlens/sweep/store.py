@@ -27,11 +27,14 @@ import os
 import uuid
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import TYPE_CHECKING, Any, Iterable, Optional
 
 import pandas as pd
 
 from vlens.errors import SweepConfigError
+
+if TYPE_CHECKING:
+    from vlens.model import HookedVLM
 
 PROVENANCE = "provenance.json"
 SKIPPED_AT_LOAD = "skipped_at_load.json"
@@ -42,19 +45,23 @@ IDENTITY = ("model", "analyses", "dataset", "dtype", "chat_template")
 
 
 def new_run_token() -> str:
+    """A short random token that names this run's shards."""
     return uuid.uuid4().hex[:8]
 
 
 def shard_name(unit: int, rank: int, run: str) -> str:
+    """The file name of one work unit's shard."""
     return f"shard-u{unit:06d}-r{rank:03d}-{run}.parquet"
 
 
 def shard_paths(out: Path) -> list[Path]:
+    """The finished shards of a sweep folder, in order."""
     folder = Path(out) / SHARDS
     return sorted(folder.glob("shard-*.parquet")) if folder.is_dir() else []
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON through a temporary file and a rename, so a killed write leaves no half file."""
     tmp = path.with_name(f"{TMP_PREFIX}{uuid.uuid4().hex}-{path.name}")
     with open(tmp, "w") as f:
         json.dump(data, f, indent=2, sort_keys=True, default=str)
@@ -116,7 +123,7 @@ def read_rows(out: Path) -> pd.DataFrame:
 # ---- provenance ---------------------------------------------------------------------
 
 
-def config_hash(model: Any) -> str:
+def config_hash(model: "HookedVLM") -> str:
     """A hash of the model's Hugging Face config (path- and version-independent)."""
     cfg = model.hf_model.config.to_dict()
     for key in ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "_commit_hash"):
@@ -137,12 +144,13 @@ def _versions() -> dict[str, Optional[str]]:
     return out
 
 
-def model_name(model: Any) -> str:
+def model_name(model: "HookedVLM") -> str:
+    """The model's name as the provenance records it."""
     name = str(model.name)
     return str(Path(name).resolve()) if Path(name).exists() else name
 
 
-def provenance(model: Any, analyses: Iterable[Any], data: Any, *, chat_template: bool, batch_size: int,
+def provenance(model: "HookedVLM", analyses: Iterable[Any], data: Any, *, chat_template: bool, batch_size: int,
                num_processes: int) -> dict[str, Any]:
     """What produced a sweep: model and config hash, versions, analyses, data set."""
     return {

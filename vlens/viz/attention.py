@@ -15,7 +15,7 @@ query (by default the last token of the window) pays them, averaged over the sho
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 import torch
 from jaxtyping import Float, Int
@@ -24,6 +24,9 @@ from torch import Tensor
 from vlens.errors import AnalysisInputError
 from vlens.viz._circuitsvis import render_component, token_text
 from vlens.viz._html import HTMLView, esc
+
+if TYPE_CHECKING:
+    from vlens.cache import VLMCache
 
 Window = Union[str, slice, Sequence[int], Tensor]
 DEFAULT_MAX_TOKENS = 96
@@ -101,7 +104,7 @@ def choose_window(
     window: Window = "auto",
     patterns: Optional[Float[Tensor, "layer head q k"]] = None,
     max_tokens: int = DEFAULT_MAX_TOKENS,
-) -> Int[Tensor, "n"]:
+) -> Int[Tensor, " n"]:
     """The sequence positions an attention view shows, ascending.
 
     Args:
@@ -171,7 +174,7 @@ def _auto_window(layout: Any, row: int, patterns: Optional[Tensor], max_tokens: 
 
 
 def attention_view(
-    cache: Any,
+    cache: "VLMCache",
     tokens: Sequence[str],
     *,
     layers: Union[None, int, Sequence[int]] = None,

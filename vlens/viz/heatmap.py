@@ -14,7 +14,7 @@ grid covers is the family's fact (``ImageSpan.boxes``, from the adapter's
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import numpy as np
 import PIL.Image
@@ -25,10 +25,13 @@ from torch import Tensor
 from vlens.errors import AnalysisInputError
 from vlens.viz._mpl import colormap, new_figure
 
+if TYPE_CHECKING:
+    from vlens.inputs import VLMInputs
+
 MIN_SIDE = 256  # small images (the toy model's 64x64) are upscaled so patches are visible
 
 
-def span_values(values: Any, layout: Any, row: int = 0, image: int = 0) -> Float[Tensor, "n"]:
+def span_values(values: Any, layout: Any, row: int = 0, image: int = 0) -> Float[Tensor, " n"]:
     """The slice of ``values`` that belongs to one image of one row.
 
     ``values`` holds one entry per token of that image, or one per image token of the
@@ -64,7 +67,7 @@ def grid_region(span: Any) -> Optional[tuple[float, float, float, float]]:
     return float(on[:, 0].min()), float(on[:, 1].min()), float(on[:, 2].max()), float(on[:, 3].max())
 
 
-def model_view_image(inputs: Any, processor: Any = None, row: int = 0, image: int = 0) -> PIL.Image.Image:
+def model_view_image(inputs: "VLMInputs", processor: Any = None, row: int = 0, image: int = 0) -> PIL.Image.Image:
     """The part of the image the model's whole-image token grid sees, for drawing that grid on.
 
     For inputs from ``HookedVLM.prepare`` the family adapter states each token's box on the

@@ -19,7 +19,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Literal, Optional, Sequence, Union
 
 import pandas as pd
 import PIL.Image
@@ -32,6 +32,11 @@ from vlens.viz.attention import attention_view
 from vlens.viz.curves import attention_mass_figure, bar_figure, count_curve_figure, layer_curve, similarity_figure
 from vlens.viz.heatmap import heatmap_grid, image_heatmap, model_view_image
 from vlens.viz.lens_panel import decoder, layer_labels, lens_grid, lens_panel, pick_layers
+
+if TYPE_CHECKING:
+    from vlens.cache import VLMCache
+    from vlens.inputs import VLMInputs
+    from vlens.model import HookedVLM
 
 Progress = Callable[[str], None]
 DataFormat = Literal["csv", "parquet"]
@@ -130,9 +135,9 @@ class Report:
 
 @dataclass
 class _Context:
-    model: Any
-    inputs: Any
-    cache: Any  # the attention patterns of pattern_layers only
+    model: "HookedVLM"
+    inputs: "VLMInputs"
+    cache: "VLMCache"  # the attention patterns of pattern_layers only
     tokens: list[str]
     span: Any
     image: PIL.Image.Image
@@ -145,8 +150,8 @@ def _silent(_: str) -> None:
 
 
 def build_report(
-    model: Any,
-    inputs: Any,
+    model: "HookedVLM",
+    inputs: "VLMInputs",
     *,
     title: Optional[str] = None,
     lens_labels: Optional[list] = None,
@@ -216,7 +221,7 @@ def build_report(
 
 
 def activation_analyses(
-    model: Any, inputs: Any, lens_labels: Optional[list], pattern_layers: Sequence[int]
+    model: "HookedVLM", inputs: "VLMInputs", lens_labels: Optional[list], pattern_layers: Sequence[int]
 ) -> tuple[dict[str, Any], Any]:
     """The report's one forward pass: the lens, similarity and attention streams attached
     (each reduces every layer in its hook), and a CPU cache of only the attention patterns of
@@ -238,7 +243,7 @@ def activation_analyses(
     return results, cache
 
 
-def _report_streams(model: Any, inputs: Any, lens_labels: Optional[list]) -> tuple[dict[str, Any], list, dict[str, Any]]:
+def _report_streams(model: "HookedVLM", inputs: "VLMInputs", lens_labels: Optional[list]) -> tuple[dict[str, Any], list, dict[str, Any]]:
     """The streams of the report's activation analyses and their hooks for ``inputs``; one
     that cannot start (a bad position, say) is an error result instead."""
     tok = model.tokenizer
@@ -265,7 +270,7 @@ def _report_streams(model: Any, inputs: Any, lens_labels: Optional[list]) -> tup
     return streams, hooks, results
 
 
-def pattern_layers_for(model: Any, attention_layers: Optional[Sequence[int]]) -> list[int]:
+def pattern_layers_for(model: "HookedVLM", attention_layers: Optional[Sequence[int]]) -> list[int]:
     """The blocks the CircuitsVis view shows: every block of a small model; else first, middle
     and last when heads are few, and only the middle block (where text reads the image) when
     they are many, so the view's window stays wide enough to be useful (see
@@ -514,7 +519,7 @@ def _contribution_section(ctx: _Context) -> Section:
     return Section("contributions", "Contribution of each visual token", body, tables={"contributions": batched.to_frame()})
 
 
-def report_inputs(model: Any, image: Any, prompt: str, answer: Optional[str] = None, max_new_tokens: int = 20) -> tuple[Any, dict[str, Any]]:
+def report_inputs(model: "HookedVLM", image: Any, prompt: str, answer: Optional[str] = None, max_new_tokens: int = 20) -> tuple[Any, dict[str, Any]]:
     """Inputs for :func:`build_report`: with the given answer, else the model's own greedy one.
 
     Returns:

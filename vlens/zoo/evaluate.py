@@ -125,12 +125,12 @@ class LayerMeasurements:
         n_patches: Number of object patches tested.
     """
 
-    lens_match: Float[Tensor, "layer"]
-    lens_colour: Float[Tensor, "layer"]
-    lens_shape: Float[Tensor, "layer"]
-    lens_control: Float[Tensor, "layer"]
-    cos_visual_text: Float[Tensor, "layer"]
-    cos_text_text: Float[Tensor, "layer"]
+    lens_match: Float[Tensor, " layer"]
+    lens_colour: Float[Tensor, " layer"]
+    lens_shape: Float[Tensor, " layer"]
+    lens_control: Float[Tensor, " layer"]
+    cos_visual_text: Float[Tensor, " layer"]
+    cos_text_text: Float[Tensor, " layer"]
     n_patches: int
 
 

@@ -53,7 +53,7 @@ class ScenePool:
     scenes: list[Scene]
     pixels: Float[Tensor, "n 3 h w"]
     patch_labels: dict[str, Int[Tensor, "n patches"]]
-    counts: Int[Tensor, "n"]
+    counts: Int[Tensor, " n"]
 
     def __len__(self) -> int:
         return len(self.scenes)
