@@ -100,7 +100,9 @@ def test_analysis_commands_print_tables_and_write_figures(runner, llava_dir, tmp
     lens = run(runner, "lens", *common, "--layers", "0,3", "-k", 3, "--figure", tmp_path / "lens.png", "--table", tmp_path / "lens.csv")
     assert lens.exit_code == 0, lens.output
     assert "top-1 words (count)" in lens.stdout
-    assert "match rate" not in lens.stdout  # a 4x4 grid is not the scene's 8x8 patch grid: no labels
+    # The scene is drawn at the family's own geometry (adapter.scene_geometry), so its cells are
+    # the 4x4 token grid and the lens has per-token labels.
+    assert "match rate" in lens.stdout
     assert (tmp_path / "lens.png").read_bytes().startswith(b"\x89PNG")
     assert "token" in pd.read_csv(tmp_path / "lens.csv").columns
 
