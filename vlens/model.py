@@ -290,6 +290,7 @@ class HookedVLM:
         inputs: VLMInputs,
         names_filter: NamesFilter = None,
         device: Union[None, str, torch.device] = None,
+        dtype: Union[None, str, torch.dtype] = None,
     ) -> tuple[Float[Tensor, "batch pos d_vocab"], VLMCache]:
         """Forward and cache activations by hook name.
 
@@ -300,6 +301,9 @@ class HookedVLM:
                 predicate on names. Unknown names raise ``HookNameError`` listing the
                 closest real ones.
             device: Where to put cached tensors (default: where they were computed).
+            dtype: Store floating activations in this dtype (default: as computed), e.g.
+                float16 to keep a large cache in half the memory; integer ones (token ids)
+                are kept as they are.
 
         Returns:
             Logits and a ``VLMCache`` holding each activation once (aliases of a
@@ -314,6 +318,7 @@ class HookedVLM:
         same_as: dict[str, str] = {}
         seen: dict[tuple, str] = {}
         cache_device = None if device is None else resolve_device(device)
+        cache_dtype = None if dtype is None else resolve_dtype(dtype)
 
         def make_hook(name: str) -> HookFn:
             def save(tensor: Any, hook: Any) -> None:
@@ -336,6 +341,8 @@ class HookedVLM:
                     store.pop(name, None)
                     return None
                 stored = tensor.detach()
+                if cache_dtype is not None and stored.is_floating_point():
+                    stored = stored.to(cache_dtype)
                 store[name] = stored if cache_device is None else stored.to(cache_device)
                 return None
 

@@ -263,3 +263,15 @@ def test_half_precision_loads_and_runs(llava_dir, photo, llava_model):
     assert logits.dtype == torch.bfloat16 and cache["blocks.0.hook_resid_post"].dtype == torch.bfloat16
     # bf16 keeps ~3 significant digits: the same model, not a bit-exact one.
     assert torch.allclose(logits.float(), full, atol=0.1, rtol=0.05)
+
+
+def test_run_with_cache_can_store_half_precision(llava_model, inputs):
+    with torch.no_grad():
+        _, full = llava_model.run_with_cache(inputs, names_filter=["blocks.0.attn.hook_pattern", "embed.hook_in"])
+        _, half = llava_model.run_with_cache(
+            inputs, names_filter=["blocks.0.attn.hook_pattern", "embed.hook_in"], dtype=torch.float16
+        )
+    assert half["blocks.0.attn.hook_pattern"].dtype == torch.float16
+    assert half["embed.hook_in"].dtype == full["embed.hook_in"].dtype  # token ids stay integers
+    diff = (half["blocks.0.attn.hook_pattern"].float() - full["blocks.0.attn.hook_pattern"]).abs().max()
+    assert float(diff) <= 1e-3

@@ -36,8 +36,8 @@ if TYPE_CHECKING:
 
 Word = Union[str, int]
 LabelsFn = Callable[[Any, int], Tensor]
-LENS_CHUNK_ELEMENTS = 1 << 22
-"""At most this many logits (16 MiB in float32) are held at once per reduction."""
+LENS_CHUNK_ELEMENTS = 1 << 20
+"""At most this many logits (4 MiB in float32) are held at once per reduction."""
 
 
 def required_hooks(model: "HookedVLM") -> list[str]:

@@ -225,7 +225,7 @@ def activation_analyses(
 ) -> tuple[dict[str, Any], Any]:
     """The report's one forward pass: the lens, similarity and attention streams attached
     (each reduces every layer in its hook), and a CPU cache of only the attention patterns of
-    ``pattern_layers``, which the CircuitsVis view draws.
+    ``pattern_layers``, which the CircuitsVis view draws (kept in float16).
 
     Returns:
         ``(results, cache)``: stream name -> its per-example result (or the error it raised).
@@ -233,7 +233,8 @@ def activation_analyses(
     streams, hooks, results = _report_streams(model, inputs, lens_labels)
     names = [f"blocks.{l}.attn.hook_pattern" for l in pattern_layers]
     with torch.no_grad(), model.hooks(hooks):
-        _, cache = model.run_with_cache(inputs, names_filter=names, device="cpu")
+        # The view only draws these patterns (as colours): half precision halves what is kept.
+        _, cache = model.run_with_cache(inputs, names_filter=names, device="cpu", dtype=torch.float16)
     for key, stream in streams.items():
         try:
             stream.commit()
