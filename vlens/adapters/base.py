@@ -244,14 +244,14 @@ class VisionPrefixAdapter(ABC):
 
     # ---- the language model on its own (token removal, gradients) ---------------------
 
-    per_token_inputs: ClassVar[tuple[str, ...]] = Unstated(  # type: ignore[assignment]
+    per_token_inputs = Unstated[tuple[str, ...]](
         "the extras (VLMInputs.extras) its language model reads one value per token, () for none"
     )
     """Extras (``VLMInputs.extras``) the language model reads, one value per token, e.g. token
     types that make an image's tokens attend to each other. Analyses that remove tokens keep
     the entries of the kept positions and pass them to :meth:`run_language_model`."""
 
-    causal_over_image: ClassVar[bool] = Unstated(  # type: ignore[assignment]
+    causal_over_image = Unstated[bool](
         "whether each language-model state depends only on earlier positions, image tokens included"
     )
     """Whether a position's language-model state depends only on the positions before it,

@@ -225,7 +225,7 @@ def attention_view(
         per_view = len(layer_list) * len(head_list)
         max_tokens = max(MIN_AUTO_TOKENS, min(DEFAULT_MAX_TOKENS, int((DEFAULT_CELL_BUDGET / per_view) ** 0.5)))
     positions = choose_window(layout, row, window, stacked, max_tokens)
-    window_tokens = [tokens[p] for p in positions.tolist()]
+    window_tokens = [tokens[int(p)] for p in positions.tolist()]
     view = HTMLView("", needs_circuitsvis=True, title="vlens attention")
     for i, layer in enumerate(layer_list):
         sub = stacked[i][:, positions][:, :, positions]

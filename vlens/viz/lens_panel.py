@@ -10,7 +10,7 @@ panel says so, calling them what their span calls them (``ImageSpan.tokens_name`
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union, cast
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ MAX_WORD = 8  # characters of a word drawn in a cell
 def decoder(tokenizer_or_fn: Decoder) -> Callable[[int], str]:
     """A function id -> readable word from a tokenizer (or a function, returned as is)."""
     if callable(tokenizer_or_fn) and not hasattr(tokenizer_or_fn, "decode"):
-        return tokenizer_or_fn
+        return cast(Callable[[int], str], tokenizer_or_fn)  # the caller's own id -> word function
     tok = tokenizer_or_fn
 
     def decode(token_id: int) -> str:
