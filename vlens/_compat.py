@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 from packaging.version import Version
 
+from vlens._modules import input_embeddings
+
 if TYPE_CHECKING:
     from vlens.model import HookedVLM
 
@@ -173,7 +175,7 @@ def layer_cache_problem(model: "HookedVLM") -> Optional[str]:
 
 def _probe_layer_cache(model: "HookedVLM") -> Optional[str]:
     ids = torch.zeros(1, 2, dtype=torch.long, device=model.device)  # any two text tokens will do
-    embeds = model.hf_model.get_input_embeddings()(ids)
+    embeds = input_embeddings(model.hf_model)(ids)
     with torch.no_grad():
         _, cache = model.run_language_model(
             embeds, model.adapter.text_positions(2, model.device)[None], attention_mask=torch.ones_like(ids),

@@ -14,13 +14,15 @@ import itertools
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Literal, Optional, Sequence, Union
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
 from vlens._compat import layer_cache_problem, route_layer_cache
+from vlens._modules import generate as hf_generate
+from vlens._modules import input_embeddings, output_embeddings, tensor
 from vlens._tl import TransformerBridge, build_bridge_from_module
 from vlens.adapters import VisionPrefixAdapter, adapter_for
 from vlens.cache import VLMCache
@@ -67,6 +69,8 @@ class HookedVLM:
     module, hooked in place), ``bridge`` (the TransformerLens bridge), ``processor``,
     ``adapter`` (the family adapter), ``name``.
     """
+
+    _layer_cache_problem: Optional[str]  # set on first use by vlens._compat.layer_cache_problem
 
     def __init__(
         self,
@@ -154,11 +158,11 @@ class HookedVLM:
     @property
     def device(self) -> torch.device:
         """The device inputs go to (that of the input embeddings)."""
-        return self.hf_model.get_input_embeddings().weight.device
+        return tensor(input_embeddings(self.hf_model), "weight").device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.hf_model.get_input_embeddings().weight.dtype
+        return tensor(input_embeddings(self.hf_model), "weight").dtype
 
     # ---- the language model's own read-out, for lenses ---------------------------------
 
@@ -173,12 +177,14 @@ class HookedVLM:
     @property
     def W_E(self) -> Float[Tensor, "d_vocab d_model"]:
         """The token embedding matrix of the language model."""
-        return self.hf_model.get_input_embeddings().weight
+        return tensor(input_embeddings(self.hf_model), "weight")
 
     @property
     def W_U(self) -> Float[Tensor, "d_model d_vocab"]:
         """The unembedding matrix (transposed ``lm_head.weight``)."""
-        return self.hf_model.get_output_embeddings().weight.T
+        head = output_embeddings(self.hf_model)
+        assert head is not None  # every family's language model has an lm_head (the bridge unembeds with it)
+        return tensor(head, "weight").T
 
     def hook_names(self, stage: Optional[str] = None) -> list[str]:
         """Canonical hook names, optionally of one stage (vision, connector, language, ...)."""
@@ -261,7 +267,11 @@ class HookedVLM:
         level = next(_hook_levels)
         attached = []
         try:
-            for direction, specs in (("fwd", fwd_hooks), ("bwd", bwd_hooks)):
+            directions: tuple[tuple[Literal["fwd", "bwd"], Sequence[HookSpec]], ...] = (
+                ("fwd", fwd_hooks),
+                ("bwd", bwd_hooks),
+            )
+            for direction, specs in directions:
                 for selector, fn in specs:
                     if not callable(fn):
                         raise HookNameError(f"hook for {selector!r} is {fn!r}, not a callable fn(tensor, hook)")
@@ -511,7 +521,8 @@ class HookedVLM:
                 kwargs = self._model_kwargs(single)
                 prompt_len = kwargs["input_ids"].shape[1]
                 with torch.no_grad():
-                    out = self.hf_model.generate(
+                    out = hf_generate(
+                        self.hf_model,
                         **kwargs,
                         max_new_tokens=max_new_tokens,
                         do_sample=False,

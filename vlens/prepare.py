@@ -32,7 +32,7 @@ def normalise(
         rows_prompts = [prompts]
         if answer is not None and not isinstance(answer, str):
             raise PromptError(f"a single prompt takes a single answer string, got {type(answer).__name__}")
-        rows_answers = [answer]
+        rows_answers: list[Optional[str]] = [answer]
     elif isinstance(prompts, (list, tuple)):
         if not prompts:
             raise PromptError("prompts is an empty list; pass at least one prompt")

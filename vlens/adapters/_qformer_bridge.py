@@ -36,7 +36,7 @@ cross-attention to a region of the image).
 from __future__ import annotations
 
 from types import SimpleNamespace
-from typing import Any, Optional
+from typing import Any, Optional, Protocol, cast
 
 import torch
 from transformer_lens.factories.architecture_adapter_factory import ArchitectureAdapterFactory
@@ -79,6 +79,29 @@ def _delegate(component: GeneralizedComponent, hidden_states: torch.Tensor, *arg
     return component.hook_out(output)
 
 
+class _HFAttention(Protocol):
+    """What the eager path reads off the wrapped Hugging Face attention module: plain
+    attributes, which torch's stubs for ``nn.Module.__getattr__`` would type ``Tensor | Module``.
+    The module is set when the bridge is built, before any forward runs."""
+
+    training: bool
+    attention_dropout: float
+
+
+class _HFVisionAttention(_HFAttention, Protocol):
+    """``Blip2Attention`` / ``InstructBlipAttention``."""
+
+    num_heads: int
+    scale: float
+
+
+class _HFQFormerAttention(_HFAttention, Protocol):
+    """``Blip2QFormerMultiHeadAttention`` / ``InstructBlipQFormerMultiHeadAttention``."""
+
+    attention_head_size: int
+    scaling: float
+
+
 class BlipAttentionBridge(AttentionBridge):
     """BLIP's eager attention computed in the bridge, op for op as Hugging Face's
     ``eager_attention_forward`` for BLIP (scores = q k^T * scale [+ mask], softmax in the
@@ -103,7 +126,7 @@ class BlipAttentionBridge(AttentionBridge):
             scores = scores + mask
         scores = self.hook_attn_scores(scores)
         pattern = torch.nn.functional.softmax(scores, dim=-1)
-        hf = self.original_component
+        hf = cast(_HFAttention, self.original_component)
         pattern = torch.nn.functional.dropout(pattern, p=float(hf.attention_dropout), training=hf.training)
         pattern = self.hook_pattern(pattern)
         out = torch.matmul(pattern, v).transpose(1, 2).contiguous()
@@ -116,7 +139,7 @@ class BlipVisionAttentionBridge(BlipAttentionBridge):
     def forward(self, hidden_states: torch.Tensor, **kwargs: Any) -> Any:
         if not self._eager():
             return super().forward(hidden_states, **kwargs)
-        hf = self.original_component
+        hf = cast(_HFVisionAttention, self.original_component)
         hidden_states = self.hook_in(hidden_states)
         batch, pos, width = hidden_states.shape
         mixed = self.qkv(hidden_states).reshape(batch, pos, 3, hf.num_heads, width // hf.num_heads)
@@ -209,7 +232,7 @@ class QFormerAttentionBridge(BlipAttentionBridge):
                 hidden_states=hidden_states, attention_mask=attention_mask,
                 encoder_hidden_states=encoder_hidden_states, encoder_attention_mask=encoder_attention_mask, **kwargs,
             )
-        hf = self.original_component
+        hf = cast(_HFQFormerAttention, self.original_component)
         hidden_states = self.hook_in(hidden_states)
         cross = encoder_hidden_states is not None
         source = encoder_hidden_states if cross else hidden_states

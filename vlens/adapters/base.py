@@ -22,6 +22,7 @@ from torch import Tensor
 from transformers import BatchFeature
 
 from vlens._compat import cache_argument, output_cache
+from vlens._modules import decoder, output_embeddings
 from vlens.adapters.contract import FACTS, SceneGeometry, Unstated, unstated
 from vlens.errors import PromptError, UnsupportedArchitectureError
 from vlens.layout import ImageSpan, TokenLayout, assemble_layout
@@ -243,14 +244,14 @@ class VisionPrefixAdapter(ABC):
 
     # ---- the language model on its own (token removal, gradients) ---------------------
 
-    per_token_inputs: ClassVar[tuple[str, ...]] = Unstated(  # type: ignore[assignment]
+    per_token_inputs = Unstated[tuple[str, ...]](
         "the extras (VLMInputs.extras) its language model reads one value per token, () for none"
     )
     """Extras (``VLMInputs.extras``) the language model reads, one value per token, e.g. token
     types that make an image's tokens attend to each other. Analyses that remove tokens keep
     the entries of the kept positions and pass them to :meth:`run_language_model`."""
 
-    causal_over_image: ClassVar[bool] = Unstated(  # type: ignore[assignment]
+    causal_over_image = Unstated[bool](
         "whether each language-model state depends only on earlier positions, image tokens included"
     )
     """Whether a position's language-model state depends only on the positions before it,
@@ -319,7 +320,7 @@ class VisionPrefixAdapter(ABC):
 
     def language_model(self, hf_model: torch.nn.Module) -> torch.nn.Module:
         """The module that receives the merged input embeddings as ``inputs_embeds``."""
-        return hf_model.get_decoder()
+        return decoder(hf_model)
 
     def run_language_model(
         self,
@@ -366,7 +367,7 @@ class VisionPrefixAdapter(ABC):
             child = next((c for c in module.children() if any(m is decoder for m in c.modules())), None)
             if child is None:
                 break
-            head = child.get_output_embeddings() if hasattr(child, "get_output_embeddings") else None
+            head = output_embeddings(child) if hasattr(child, "get_output_embeddings") else None
             if head is not None:
                 return child
             module = child

@@ -41,6 +41,7 @@ from jaxtyping import Float
 from torch import Tensor
 from transformers import BatchFeature
 
+from vlens._modules import submodule, tensor
 from vlens.adapters import _qformer_bridge
 from vlens.adapters.base import VisionPrefixAdapter
 from vlens.adapters.contract import SceneGeometry, SequentialPositions, no_boxes
@@ -216,10 +217,10 @@ class Blip2Adapter(SequentialPositions, VisionPrefixAdapter):
         hf = model.hf_model
         kwargs = inputs.to(model.device, dtype=model.dtype).model_kwargs()
         with torch.no_grad(), model.hooks([(name, keep) for name in names]):
-            image_embeds = hf.vision_model(pixel_values=kwargs["pixel_values"]).last_hidden_state
-            query_tokens = hf.query_tokens.expand(image_embeds.shape[0], -1, -1)
+            image_embeds = submodule(hf, "vision_model")(pixel_values=kwargs["pixel_values"]).last_hidden_state
+            query_tokens = tensor(hf, "query_tokens").expand(image_embeds.shape[0], -1, -1)
             image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
-            hf.qformer(
+            submodule(hf, "qformer")(
                 query_embeds=query_tokens,
                 encoder_hidden_states=image_embeds,
                 encoder_attention_mask=image_mask,

@@ -29,12 +29,13 @@ family it has.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Optional
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Optional, TypeVar
 
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from vlens._modules import decoder
 from vlens.errors import UnstatedFactError, UnsupportedArchitectureError
 
 FACTS: tuple[str, ...] = (
@@ -60,10 +61,15 @@ def unstated(owner: Any, fact: str, what: str) -> UnstatedFactError:
     )
 
 
-class Unstated:
+T = TypeVar("T")
+
+
+class Unstated(Generic[T]):
     """The base class's value of a class-attribute fact: reading it raises ``UnstatedFactError``.
 
-    A family states the fact by assigning the attribute on its adapter class.
+    A family states the fact by assigning the attribute on its adapter class. ``T`` is the
+    type a stated fact has (``Unstated[bool](...)``), which is what reading it gives a type
+    checker.
     """
 
     def __init__(self, what: str) -> None:
@@ -73,7 +79,7 @@ class Unstated:
     def __set_name__(self, owner: type, name: str) -> None:
         self.name = name
 
-    def __get__(self, obj: Any, owner: type) -> Any:
+    def __get__(self, obj: Any, owner: type) -> T:
         raise unstated(owner, self.name, self.what)
 
 
@@ -122,6 +128,10 @@ class SequentialPositions:
 
     family: ClassVar[str]
 
+    if TYPE_CHECKING:  # VisionPrefixAdapter's, which every adapter class using this mixin has
+
+        def language_model(self, hf_model: torch.nn.Module) -> torch.nn.Module: ...
+
     def positions_after_removal(
         self, positions: Int[Tensor, " pos"], keep: Bool[Tensor, " pos"]
     ) -> Int[Tensor, " n"]:
@@ -159,10 +169,10 @@ class SequentialPositions:
     def positions_source(self, hf_model: torch.nn.Module) -> torch.nn.Module:
         """The module whose call receives the position ids the language model computed for
         itself: the first decoder layer (Hugging Face passes every layer ``position_ids``)."""
-        stack = self.language_model(hf_model)  # type: ignore[attr-defined]
+        stack = self.language_model(hf_model)
         layers = getattr(stack, "layers", None)
         if layers is None and hasattr(stack, "get_decoder"):  # a causal LM holding its decoder
-            layers = getattr(stack.get_decoder(), "layers", None)
+            layers = getattr(decoder(stack), "layers", None)
         if not isinstance(layers, torch.nn.ModuleList) or len(layers) == 0:
             raise UnsupportedArchitectureError(
                 f"{self.family}: the language model ({type(stack).__name__}) has no decoder layer list `layers`, "

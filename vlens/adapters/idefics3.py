@@ -158,10 +158,11 @@ class Idefics3Adapter(SequentialPositions, VisionPrefixAdapter):
         frame = Frame(float(width), float(height))
         if getattr(ip, "do_resize", False):
             edge = size_get(ip.size, "longest_edge")
+            size_h, size_w = size_get(ip.size, "height"), size_get(ip.size, "width")
             if edge is not None:
                 h, w = longest_edge_size(height, width, edge)
-            elif size_get(ip.size, "height") and size_get(ip.size, "width"):
-                h, w = size_get(ip.size, "height"), size_get(ip.size, "width")
+            elif size_h and size_w:
+                h, w = size_h, size_w
             else:
                 raise UnsupportedArchitectureError(f"idefics3: image processor size {ip.size!r} is not supported")
             frame = frame.resize(w, h)

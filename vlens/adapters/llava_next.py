@@ -81,7 +81,7 @@ def anyres_canvas(
         patch_size: ``config.vision_config.patch_size``.
     """
     g = tower_image_size // patch_size
-    best_h, best_w = select_best_resolution([image_height, image_width], grid_pinpoints)
+    best_h, best_w = select_best_resolution((image_height, image_width), grid_pinpoints)
     tiles_h, tiles_w = best_h // tower_image_size, best_w // tower_image_size
     canvas_h, canvas_w = tiles_h * g, tiles_w * g
     # unpad_image, with the same float arithmetic.
@@ -251,7 +251,12 @@ class LlavaNextAdapter(SequentialPositions, VisionPrefixAdapter):
             h, w = resized_size(int(frame.height), int(frame.width), ip.size, self.family)
             frame = frame.resize(w, h)
         if getattr(ip, "do_center_crop", False):
-            frame = center_crop(frame, size_get(ip.crop_size, "height"), size_get(ip.crop_size, "width"), ip)
+            crop_h, crop_w = size_get(ip.crop_size, "height"), size_get(ip.crop_size, "width")
+            if crop_h is None or crop_w is None:
+                raise UnsupportedArchitectureError(
+                    f"llava_next: the image processor's crop_size {ip.crop_size!r} has no height and width"
+                )
+            frame = center_crop(frame, crop_h, crop_w, ip)
         tower = self.config.vision_config.image_size
         if (frame.width, frame.height) != (tower, tower):
             raise UnsupportedArchitectureError(
@@ -274,8 +279,12 @@ class LlavaNextAdapter(SequentialPositions, VisionPrefixAdapter):
         crop_px = size_get(getattr(ip, "crop_size", None) or {}, "height") or size_get(size, "height") or size_get(
             size, "shortest_edge"
         )
+        if base_h is None or base_w is None or crop_px is None:
+            raise UnsupportedArchitectureError(
+                f"llava_next: the image processor's size {size!r} has neither height and width nor shortest_edge"
+            )
         base = self._finish(Frame(float(width), float(height)).resize(base_w, base_h))
-        best_h, best_w = select_best_resolution([height, width], self.config.image_grid_pinpoints)
+        best_h, best_w = select_best_resolution((height, width), self.config.image_grid_pinpoints)
         new_h, new_w = patch_output_size(height, width, best_h, best_w)
         canvas = Frame(float(width), float(height)).resize(new_w, new_h)
         canvas = canvas.pad((best_w - new_w) // 2, (best_h - new_h) // 2, best_w, best_h)

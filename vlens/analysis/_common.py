@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import typing
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Mapping, Optional, Sequence, Union, cast
 
 import numpy as np
 import pandas as pd
@@ -20,10 +20,13 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from vlens._modules import output_embeddings, tensor
 from vlens.errors import AnalysisInputError
 from vlens.layout import TokenLayout
 
 if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
     from vlens.cache import VLMCache
     from vlens.model import HookedVLM
 
@@ -65,8 +68,9 @@ def check_cached(cache: "VLMCache", names: Iterable[str], analysis: str, module:
         )
 
 
-def n_layers_of(model_or_cache: Any) -> int:
+def n_layers_of(model_or_cache: Union["HookedVLM", "VLMCache"]) -> int:
     cfg = getattr(model_or_cache, "cfg", None) or getattr(getattr(model_or_cache, "model", None), "cfg", None)
+    assert cfg is not None  # a HookedVLM has .cfg; a VLMCache's .model (the bridge) has
     return int(cfg.n_layers)
 
 
@@ -143,7 +147,8 @@ def stack_rows(rows: Sequence[Tensor]) -> Tensor:
 
 
 def stack_optional(rows: Sequence[Optional[Tensor]]) -> Optional[Tensor]:
-    return None if rows[0] is None else stack_rows(rows)  # type: ignore[arg-type]
+    # A field is None in every row or a tensor in every row.
+    return None if rows[0] is None else stack_rows(cast(Sequence[Tensor], rows))
 
 
 class ResultRow(Mapping):
@@ -182,7 +187,8 @@ class ShortRepr:
     """A repr that shows each tensor field's shape and dtype, not its values."""
 
     def __repr__(self) -> str:
-        parts = [_short(f.name, getattr(self, f.name)) for f in dataclasses.fields(self)]  # type: ignore[arg-type]
+        # Mixed into dataclasses only.
+        parts = [_short(f.name, getattr(self, f.name)) for f in dataclasses.fields(cast("DataclassInstance", self))]
         return f"{type(self).__name__}(" + ", ".join(parts) + ")"
 
 
@@ -215,7 +221,7 @@ class BatchedResult(ShortRepr):
             if isinstance(index, Tensor):
                 lengths[axis] = int((index[b] >= 0).sum())
         values: dict[str, Any] = {}
-        for field in dataclasses.fields(self):
+        for field in dataclasses.fields(cast("DataclassInstance", self)):  # a dataclass, as ShortRepr
             value = getattr(self, field.name)
             dims = dims_of.get(field.name, ())
             if isinstance(value, Tensor) and dims and dims[0] == "batch":
@@ -305,9 +311,10 @@ def fp32_final_norm(model: "HookedVLM") -> Callable[[Tensor], Tensor]:
 
 def fp32_unembed(model: "HookedVLM") -> Callable[[Tensor], Tensor]:
     """The unembedding (``lm_head``) computing in float32."""
-    head = model.hf_model.get_output_embeddings()
-    weight = head.weight.detach().float()
-    bias = None if getattr(head, "bias", None) is None else head.bias.detach().float()
+    head = output_embeddings(model.hf_model)
+    assert head is not None  # every family's language model has an lm_head (the bridge unembeds with it)
+    weight = tensor(head, "weight").detach().float()
+    bias = None if getattr(head, "bias", None) is None else tensor(head, "bias").detach().float()
     return lambda x: torch.nn.functional.linear(x.float().to(weight.device), weight, bias)
 
 

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from vlens.model import HookedVLM
 
 Word = Union[str, int]
-LabelsFn = Callable[[Any, int], Tensor]
+LabelsFn = Callable[["VLMInputs", int], Tensor]
 LENS_CHUNK_ELEMENTS = 1 << 20
 """At most this many logits (4 MiB in float32) are held at once per reduction."""
 
@@ -125,6 +125,7 @@ class LensResult(BatchedResult):
         """Long format of the asked words: layer, pos, word (its token id), logprob, rank."""
         if self.word_ids is None:
             raise AnalysisInputError("this LensResult was computed without words=; pass words to logit_lens")
+        assert self.word_logprobs is not None and self.word_ranks is not None  # computed whenever word_ids is
         frame = long_frame(
             {"logprob": self.word_logprobs, "rank": self.word_ranks.float()},
             dims=("layer", "pos", "word"),
@@ -323,6 +324,7 @@ def logit_lens(
             raise AnalysisInputError(f"labels has {len(labels)} rows but the batch has {batch_size}")
 
     def labels_of(layout: "TokenLayout", row: int, n: int) -> Tensor:
+        assert labels is not None  # labels_of is handed on only when labels are given
         row_labels = labels if (isinstance(labels, Tensor) or batch_size == 1) else labels[row]
         return _label_ids(tokenizer, row_labels, n, row)
 
@@ -383,7 +385,7 @@ class LensStream(Stream[LensResult]):
         layers: Optional[Sequence[int]] = None,
     ) -> None:
         self._labels = labels
-        self._inputs: Any = None
+        self._inputs: Optional["VLMInputs"] = None
         labels_of = None if labels is None else self._labels_of
         super().__init__(model, LensReduction(model, positions, layers, k, None, labels_of))
         self.k = k
@@ -393,6 +395,8 @@ class LensStream(Stream[LensResult]):
         return super().hooks(inputs)
 
     def _labels_of(self, layout: "TokenLayout", row: int, n: int) -> Tensor:
+        # Called from the hooks of a forward: only when labels were given, after hooks(inputs).
+        assert self._labels is not None and self._inputs is not None
         lab = torch.as_tensor(self._labels(self._inputs, row)).long().cpu()
         if lab.shape != (n,):
             raise AnalysisInputError(

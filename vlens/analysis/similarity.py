@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, Optional
+from typing import TYPE_CHECKING, Any, Literal, Optional, cast
 
 import pandas as pd
 import torch
@@ -166,11 +166,15 @@ class SimilarityReduction(Reduction[SimilarityResult]):
     def reduce(self, index: int, states: Tensor, ctx: _Row) -> tuple[Tensor, Optional[Tensor]]:
         v = unit(states[ctx.img.to(states.device)].float())  # [img, d]
         if self.against == "vocab":
+            assert self._vocab is not None  # built in __init__ for against="vocab"
             best, arg = max_cosine_to_vocab(v, self._vocab.to(v.device))
             return best.cpu(), arg.cpu()
         if self.against == "text_states":
+            assert ctx.txt is not None  # context() sets it for every against but "vocab"
             t = unit(states[ctx.txt.to(states.device)].float())
         else:
+            # "text_embeddings": needs_ids, so contexts() had the token ids and context() set it.
+            assert ctx.text_unit is not None
             t = ctx.text_unit.to(v.device)
         return (v @ t.T).mean(-1).cpu(), None
 
@@ -181,7 +185,8 @@ class SimilarityReduction(Reduction[SimilarityResult]):
             "per_token": per_token,
             "image_positions": ctx.img,
             "text_positions": ctx.txt,
-            "nearest_ids": None if pieces[0][1] is None else torch.stack([p[1] for p in pieces]),
+            # Every layer's piece has nearest ids (against="vocab") or none has.
+            "nearest_ids": None if pieces[0][1] is None else torch.stack([cast(Tensor, p[1]) for p in pieces]),
         }
 
     def result(self, rows: list[dict[str, Any]]) -> SimilarityResult:

@@ -109,6 +109,7 @@ class _Sums:
         elif self.sum.shape != value.shape:
             return False
         else:
+            assert self.sum_sq is not None  # set together with sum
             self.sum += value
             self.sum_sq += value**2
         self.n += 1
@@ -117,14 +118,18 @@ class _Sums:
     def merge(self, other: "_Sums") -> None:
         if other.sum is None:
             return
+        assert other.sum_sq is not None  # set together with sum
         if self.sum is None:
             self.sum, self.sum_sq, self.n = other.sum.clone(), other.sum_sq.clone(), other.n
         elif self.sum.shape == other.sum.shape:
+            assert self.sum_sq is not None  # set together with sum
             self.sum += other.sum
             self.sum_sq += other.sum_sq
             self.n += other.n
 
     def mean_std(self) -> tuple[Tensor, Tensor]:
+        # Stream.mean_std asks only sums that hold an example (n > 0).
+        assert self.sum is not None and self.sum_sq is not None
         mean = self.sum / self.n
         var = (self.sum_sq / self.n - mean**2).clamp_min(0)
         return mean.float(), var.sqrt().float()

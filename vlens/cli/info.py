@@ -64,7 +64,9 @@ def info(model_name: str, device: Optional[str], dtype: Optional[str], stage: Op
 
 
 def _ranges(positions: Sequence[int]) -> str:
-    out, start, prev = [], None, None
+    out: list[str] = []
+    start: Optional[int] = None
+    prev = 0  # read only once start is set, which sets it too
     for p in positions:
         if start is None:
             start = prev = p

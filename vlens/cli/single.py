@@ -8,7 +8,7 @@ full result table (``report --table-format`` picks the format of the report's ta
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Literal, Optional
 
 import click
 
@@ -26,7 +26,15 @@ from vlens.cli._common import (
     with_setup,
 )
 
+if TYPE_CHECKING:
+    from vlens.analysis.similarity import Against
+    from vlens.analysis.tokens import Estimator
+    from vlens.viz.report import DataFormat
+
 DEFAULT_OUT = "vlens-report"
+
+# Options with a click.Choice are annotated with the Literal of their choices: click has
+# checked the value against them before the command runs.
 
 # ---- report ------------------------------------------------------------------------
 
@@ -41,7 +49,7 @@ DEFAULT_OUT = "vlens-report"
               help="Layers of the attention-pattern view (default: all for <= 4 layers; else first, middle and last "
                    "for models with few heads, the middle one for many).")
 @with_setup(need_answer=True)
-def report(setup: Setup, out: str, table_format: str, attention_layers: Optional[list[int]]) -> None:
+def report(setup: Setup, out: str, table_format: DataFormat, attention_layers: Optional[list[int]]) -> None:
     """Run every analysis on one image and prompt; write one self-contained HTML report.
 
     Writes DIR/report.html (figures and the CircuitsVis bundle embedded: it opens from
@@ -63,7 +71,7 @@ def report(setup: Setup, out: str, table_format: str, attention_layers: Optional
                                                              max_new_tokens=20).text[0]
     result = build_report(setup.model, setup.inputs, lens_labels=setup.lens_labels(),
                           attention_layers=attention_layers, meta=meta, progress=say)
-    written = result.write(out, data_format=table_format)  # type: ignore[arg-type]
+    written = result.write(out, data_format=table_format)
     for title, problem in result.problems.items():
         say(f"warning: {title}: {problem}")
     click.echo(f"report written to {written['report']} ({len(written) - 1} data files in {Path(out) / 'data'})")
@@ -98,6 +106,7 @@ def lens(setup: Setup, layers: Optional[list[int]], k: int, figure: Optional[str
                         labels=None if labels is None else (lambda _inputs, _row: labels))
     setup.run(stream)
     batched = stream.last_batch
+    assert batched is not None  # set by the forward pass setup.run just ran
     result = batched.row(0)
     _, words, probs, _, _ = lens_grid(result, setup.inputs.layout, setup.model.tokenizer)
     rows = []
@@ -124,7 +133,7 @@ def lens(setup: Setup, layers: Optional[list[int]], k: int, figure: Optional[str
 @figure_option
 @table_option
 @with_setup(need_answer=False)
-def similarity(setup: Setup, against: str, figure: Optional[str], table_path: Optional[str]) -> None:
+def similarity(setup: Setup, against: Against, figure: Optional[str], table_path: Optional[str]) -> None:
     """Cosine similarity of visual-token states to text, per layer (0 = embeddings).
 
     \b
@@ -135,9 +144,10 @@ def similarity(setup: Setup, against: str, figure: Optional[str], table_path: Op
     from vlens.analysis import SimilarityStream
     from vlens.viz.curves import similarity_figure
 
-    stream = SimilarityStream(setup.model, against=against)  # type: ignore[arg-type]
+    stream = SimilarityStream(setup.model, against=against)
     setup.run(stream)
     result = stream.last_batch
+    assert result is not None  # set by the forward pass setup.run just ran
     print_table(result.curve_frame())
     save_figure(similarity_figure(result) if figure else None, figure)
     save_table(result.to_frame() if table_path else None, table_path)
@@ -177,6 +187,7 @@ def attention(setup: Setup, query: str, layers: Optional[list[int]], heads: Opti
     view_layers = list(range(setup.model.n_layers)) if layers is None else layers
     cache = setup.run(stream, cache_names=[f"blocks.{l}.attn.hook_pattern" for l in view_layers] if html_path else ())
     result = stream.last_batch
+    assert result is not None  # set by the forward pass setup.run just ran
     mass = result.mass[0].float()
     frame = pd.DataFrame({"block": range(mass.shape[0]), "mean mass": mass.mean(1).tolist(),
                           "max mass": mass.max(1).values.tolist(), "top head": mass.argmax(1).tolist()})
@@ -200,7 +211,7 @@ def attention(setup: Setup, query: str, layers: Optional[list[int]], heads: Opti
 @figure_option
 @table_option
 @with_setup(need_answer=True)
-def count_curve(setup: Setup, counts: Optional[list[int]], order: str, figure: Optional[str], table_path: Optional[str]) -> None:
+def count_curve(setup: Setup, counts: Optional[list[int]], order: Literal["raster", "random"], figure: Optional[str], table_path: Optional[str]) -> None:
     """Answer loss against the number of visual tokens kept.
 
     \b
@@ -226,7 +237,7 @@ def count_curve(setup: Setup, counts: Optional[list[int]], order: str, figure: O
 @figure_option
 @table_option
 @with_setup(need_answer=True)
-def contributions(setup: Setup, estimator: str, top: int, figure: Optional[str], table_path: Optional[str]) -> None:
+def contributions(setup: Setup, estimator: Estimator, top: int, figure: Optional[str], table_path: Optional[str]) -> None:
     """Each visual token's contribution: answer loss without it minus the full loss.
 
     \b
@@ -240,7 +251,7 @@ def contributions(setup: Setup, estimator: str, top: int, figure: Optional[str],
     from vlens.analysis import token_contributions
     from vlens.viz.heatmap import image_heatmap, model_view_image
 
-    result = token_contributions(setup.model, setup.inputs, estimator=estimator)  # type: ignore[arg-type]
+    result = token_contributions(setup.model, setup.inputs, estimator=estimator)
     delta = result.row(0).delta_loss.float()
     span = setup.inputs.layout.images[0][0]
     tokens = setup.model.to_str_tokens(setup.inputs)

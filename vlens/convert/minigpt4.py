@@ -133,7 +133,7 @@ def convert_minigpt4(
         skeleton = Blip2ForConditionalGeneration(config)
     expected = {name: tuple(t.shape) for name, t in skeleton.state_dict().items()}
 
-    state: dict[str, torch.Tensor] = {}
+    state: dict[str, Optional[torch.Tensor]] = {}  # None: missing, which _check_against reports
     proj = _read_minigpt4(ckpt_path)
     state["language_projection.weight"] = proj["llama_proj.weight"]
     state["language_projection.bias"] = proj["llama_proj.bias"]
@@ -275,7 +275,7 @@ def add_minigpt4_parser(subparsers: "argparse._SubParsersAction") -> argparse.Ar
     parser = subparsers.add_parser(
         "minigpt4",
         help="MiniGPT-4 (.pth + BLIP-2 + Vicuna) -> a Blip2ForConditionalGeneration checkpoint",
-        description=__doc__.split("\n\n")[0],
+        description=(__doc__ or "").split("\n\n")[0],  # no docstring under python -OO
     )
     parser.add_argument("--minigpt4", required=True, metavar="CKPT.pth", help="MiniGPT-4 checkpoint (llama_proj)")
     parser.add_argument("--blip2", required=True, metavar="DIR", help="Hugging Face BLIP-2 folder")

@@ -25,11 +25,14 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Union, cast
 
 import PIL.Image
 
 from vlens.errors import DatasetError
+
+if TYPE_CHECKING:
+    from vlens.data.scenes import Split
 
 Box = tuple[float, float, float, float]  # x, y, width, height in the image's pixels
 PathLike = Union[str, os.PathLike]
@@ -123,7 +126,7 @@ class ExampleSet(Sequence):
     def __len__(self) -> int:
         return len(self._ids)
 
-    def __getitem__(self, index: int) -> Example:  # type: ignore[override]
+    def __getitem__(self, index: int) -> Example:
         if isinstance(index, slice):
             raise TypeError("ExampleSet does not slice; use .select(indices)")
         return self._get(range(len(self))[index])
@@ -232,7 +235,7 @@ def _labels(objects: Any, boxes: Any) -> tuple[tuple[str, ...], tuple[Box, ...]]
         out.append(tuple(float(v) for v in b))
     if out and len(out) != len(objects):
         raise ValueError(f"{len(out)} boxes for {len(objects)} objects; give one box per object or none")
-    return tuple(objects), tuple(out)  # type: ignore[return-value]
+    return tuple(objects), tuple(out)
 
 
 # ---- COCO captions ------------------------------------------------------------------
@@ -477,7 +480,8 @@ def load_hf_dataset(
         if name is not None and name not in source.column_names:
             raise DatasetError(f"{arg}={name!r} is not a column of this data set; it has {source.column_names}")
     text_cols = [c for c in (prompt_column, answer_column, id_column, objects_column, boxes_column) if c]
-    table = source.select_columns(text_cols).to_dict() if text_cols else {}
+    # Without batched=True, to_dict() gives one dict (column -> values), not an iterator of them.
+    table = cast(dict[str, list], source.select_columns(text_cols).to_dict()) if text_cols else {}
     col = _Collector(skip_bad, "Hugging Face data set")
     kept: list[tuple[int, str, str, Optional[str], tuple, tuple]] = []
     for i in range(len(source)):
@@ -541,7 +545,7 @@ def load_hf_dataset(
 def load_scenes(
     n: int,
     seed: int = 0,
-    split: str = "train",
+    split: Split = "train",
     *,
     question: str = "caption",
     image_size: int = 64,

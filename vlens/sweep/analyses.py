@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Optional, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -30,6 +30,7 @@ from vlens.errors import AnalysisInputError
 if TYPE_CHECKING:
     from vlens.cache import VLMCache
     from vlens.inputs import VLMInputs
+    from vlens.layout import TokenLayout
     from vlens.model import HookedVLM
 
 
@@ -43,7 +44,7 @@ class Batch:
     state: dict = field(default_factory=dict)
 
     @property
-    def layout(self) -> Any:
+    def layout(self) -> "TokenLayout":
         return self.inputs.layout
 
     @property
@@ -68,7 +69,7 @@ class SweepAnalysis:
             raise AnalysisInputError(f"{self.name}: stream must be True or False, got {stream!r}")
         self.stream = stream
         self._stream: Optional[Stream] = None
-        self._model: Any = None
+        self._model: Optional["HookedVLM"] = None
 
     def params(self) -> dict[str, Any]:
         """Parameters that change results (recorded in the provenance)."""
@@ -139,19 +140,21 @@ class ModalitySimilarity(SweepAnalysis):
     name = "modality_similarity"
     AGAINST = ("text_states", "text_embeddings")
 
-    def __init__(self, against: str = "text_states", text: str = "instruction", stream: bool = True) -> None:
+    def __init__(self, against: Literal["text_states", "text_embeddings"] = "text_states", text: str = "instruction",
+                 stream: bool = True) -> None:
         super().__init__(stream)
         if against not in self.AGAINST:
             raise AnalysisInputError(f"{self.name}: against={against!r}; choose one of {list(self.AGAINST)}")
         if not isinstance(text, str):
             raise AnalysisInputError(f"{self.name}: text must be a segment name, got {text!r}")
-        self.against, self.text = against, text
+        self.against: Literal["text_states", "text_embeddings"] = against
+        self.text = text
 
     def params(self) -> dict[str, Any]:
         return {"against": self.against, "text": self.text}
 
     def make_stream(self, model: "HookedVLM") -> Stream:
-        return SimilarityStream(model, against=self.against, text=self.text)  # type: ignore[arg-type]
+        return SimilarityStream(model, against=self.against, text=self.text)
 
     def hook_names(self, model: "HookedVLM") -> list[str]:
         # The cache form reads the token ids from the cache, as modality_similarity does.

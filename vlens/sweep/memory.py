@@ -160,7 +160,7 @@ def check_budget(estimate: MemoryEstimate, budget: Optional[float], device: torc
         budget = estimate.weights + available_bytes(device)
     if estimate.total > budget:
         parts = {"the weights": estimate.weights, "the forward pass": estimate.forward, **estimate.analyses}
-        largest = max(parts, key=parts.get)
+        largest = max(parts, key=parts.__getitem__)
         cached = ", ".join(f"{a} ({fmt_bytes(estimate.analyses[a])})" for a in estimate.cached)
         raise MemoryBudgetError(
             f"this sweep needs an estimated {estimate} but the budget is {fmt_bytes(budget)}. "

@@ -28,6 +28,9 @@ from vlens.sweep.analyses import DEFAULT_ANALYSES, Batch, SweepAnalysis, build_a
 from vlens.sweep.memory import MemoryEstimate, check_budget, estimate_memory, fmt_bytes, parse_bytes
 
 if TYPE_CHECKING:
+    from accelerate import PartialState
+
+    from vlens.inputs import VLMInputs
     from vlens.model import HookedVLM
 
 log = logging.getLogger("vlens.sweep")
@@ -58,14 +61,20 @@ class SweepReport:
     summary: Any = None
 
 
-def _state(device: Any) -> Any:
+def _state(device: Union[None, str, torch.device]) -> "PartialState":
     from accelerate import PartialState
 
     cpu = (device is not None and torch.device(device).type == "cpu") or not torch.cuda.is_available()
     return PartialState(cpu=cpu)
 
 
-def _load_model(model: Any, state: Any, device: Any, dtype: Any, device_map: Any) -> Any:
+def _load_model(
+    model: Union[str, os.PathLike, "HookedVLM"],
+    state: "PartialState",
+    device: Union[None, str, torch.device],
+    dtype: Union[None, str, torch.dtype],
+    device_map: Union[None, str, dict],
+) -> "HookedVLM":
     from vlens.model import HookedVLM
 
     if isinstance(model, HookedVLM):
@@ -115,9 +124,11 @@ def _process(model: "HookedVLM", analyses: list[SweepAnalysis], data: ExampleSet
         if reason is not None:
             rows[i] = _error_row(i, data.ids[i], reason)
         else:
+            assert ex is not None  # _load gives the example whenever it gives no reason
             good.append((i, ex, image))
     good, inputs = _prepare(model, good, rows, skip_bad, chat_template)
     if good:
+        assert inputs is not None  # _prepare gives inputs whenever it keeps an example
         lay = inputs.layout
         check_budget(estimate_memory(model, analyses, lay.batch_size, lay.seq_len, int(lay.image_mask.sum(1).max())),
                      budget, model.device)
@@ -147,11 +158,11 @@ def _process(model: "HookedVLM", analyses: list[SweepAnalysis], data: ExampleSet
 
 
 def _prepare(model: "HookedVLM", good: list, rows: dict[int, dict[str, Any]], skip_bad: bool,
-             chat_template: bool) -> tuple[list, Any]:
+             chat_template: bool) -> tuple[list, Optional["VLMInputs"]]:
     """The batch's inputs. With skip_bad, examples the processor refuses become error rows
     (found one by one) and the rest form the batch."""
 
-    def prepare(items: list) -> Any:
+    def prepare(items: list) -> "VLMInputs":
         return model.prepare([g[2] for g in items], [g[1].prompt for g in items],
                              answer=[g[1].answer for g in items], chat_template=chat_template)
 
@@ -173,7 +184,7 @@ def _prepare(model: "HookedVLM", good: list, rows: dict[int, dict[str, Any]], sk
 
 
 def run(
-    model: Union[str, os.PathLike, Any],
+    model: Union[str, os.PathLike, "HookedVLM"],
     data: Union[ExampleSet, Sequence[Example]],
     out: Union[str, os.PathLike],
     analyses: Sequence[Union[str, SweepAnalysis]] = DEFAULT_ANALYSES,
@@ -230,7 +241,7 @@ def run(
     data = _as_example_set(data)
     out = Path(out)
     state = _state(device)
-    model = _load_model(model, state, device, dtype, device_map)
+    model = _load_model(model, state, device, dtype, device_map)  # a HookedVLM from here on
 
     meta = store.provenance(model, built, data, chat_template=chat_template, batch_size=batch_size,
                             num_processes=state.num_processes)

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Optional
 
 import pandas as pd
 
+from vlens._modules import config
 from vlens.errors import SweepConfigError
 
 if TYPE_CHECKING:
@@ -125,7 +126,7 @@ def read_rows(out: Path) -> pd.DataFrame:
 
 def config_hash(model: "HookedVLM") -> str:
     """A hash of the model's Hugging Face config (path- and version-independent)."""
-    cfg = model.hf_model.config.to_dict()
+    cfg = config(model.hf_model).to_dict()
     for key in ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "_commit_hash"):
         cfg.pop(key, None)
     text = json.dumps(cfg, sort_keys=True, default=str)

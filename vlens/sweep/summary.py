@@ -6,7 +6,7 @@ import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Union, cast
 
 import numpy as np
 import pandas as pd
@@ -80,7 +80,8 @@ def summarize(out: Union[str, Path], confidence: float = 0.95, figures: bool = T
         raise FileNotFoundError(f"'{out}' holds no {store.PROVENANCE}; it is not a sweep folder")
     prov = json.loads(prov_path.read_text())
     frame = store.read_rows(out)
-    ok = frame[frame["error"].isna()] if len(frame) else frame
+    # A boolean mask selects rows: a DataFrame (pandas types frame[...] as Series | DataFrame).
+    ok = cast(pd.DataFrame, frame[frame["error"].isna()]) if len(frame) else frame
     records = []
     # Curves are the numeric per-example columns; the counts axis and text columns (the
     # engine that ran) describe them.

@@ -15,7 +15,7 @@ query (by default the last token of the window) pays them, averaged over the sho
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 import torch
 from jaxtyping import Float, Int
@@ -27,6 +27,7 @@ from vlens.viz._html import HTMLView, esc
 
 if TYPE_CHECKING:
     from vlens.cache import VLMCache
+    from vlens.layout import TokenLayout
 
 Window = Union[str, slice, Sequence[int], Tensor]
 DEFAULT_MAX_TOKENS = 96
@@ -99,7 +100,7 @@ def attention_heads_view(
 
 
 def choose_window(
-    layout: Any,
+    layout: "TokenLayout",
     row: int = 0,
     window: Window = "auto",
     patterns: Optional[Float[Tensor, "layer head q k"]] = None,
@@ -149,7 +150,7 @@ def choose_window(
     return chosen
 
 
-def _auto_window(layout: Any, row: int, patterns: Optional[Tensor], max_tokens: int) -> Tensor:
+def _auto_window(layout: "TokenLayout", row: int, patterns: Optional[Tensor], max_tokens: int) -> Tensor:
     length = int(layout.lengths[row])
     if length <= max_tokens:
         return torch.arange(length)
@@ -225,7 +226,7 @@ def attention_view(
         per_view = len(layer_list) * len(head_list)
         max_tokens = max(MIN_AUTO_TOKENS, min(DEFAULT_MAX_TOKENS, int((DEFAULT_CELL_BUDGET / per_view) ** 0.5)))
     positions = choose_window(layout, row, window, stacked, max_tokens)
-    window_tokens = [tokens[p] for p in positions.tolist()]
+    window_tokens = [tokens[int(p)] for p in positions.tolist()]
     view = HTMLView("", needs_circuitsvis=True, title="vlens attention")
     for i, layer in enumerate(layer_list):
         sub = stacked[i][:, positions][:, :, positions]

@@ -27,11 +27,12 @@ from vlens.viz._mpl import colormap, new_figure
 
 if TYPE_CHECKING:
     from vlens.inputs import VLMInputs
+    from vlens.layout import TokenLayout
 
 MIN_SIDE = 256  # small images (the toy model's 64x64) are upscaled so patches are visible
 
 
-def span_values(values: Any, layout: Any, row: int = 0, image: int = 0) -> Float[Tensor, " n"]:
+def span_values(values: Any, layout: "TokenLayout", row: int = 0, image: int = 0) -> Float[Tensor, " n"]:
     """The slice of ``values`` that belongs to one image of one row.
 
     ``values`` holds one entry per token of that image, or one per image token of the

@@ -10,13 +10,16 @@ panel says so, calling them what their span calls them (``ImageSpan.tokens_name`
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Union, cast
 
 import numpy as np
 import torch
 
 from vlens.errors import AnalysisInputError
 from vlens.viz._mpl import colormap, new_figure
+
+if TYPE_CHECKING:
+    from vlens.layout import TokenLayout
 
 Decoder = Union[Callable[[int], str], Any]
 MAX_WORD = 8  # characters of a word drawn in a cell
@@ -25,7 +28,7 @@ MAX_WORD = 8  # characters of a word drawn in a cell
 def decoder(tokenizer_or_fn: Decoder) -> Callable[[int], str]:
     """A function id -> readable word from a tokenizer (or a function, returned as is)."""
     if callable(tokenizer_or_fn) and not hasattr(tokenizer_or_fn, "decode"):
-        return tokenizer_or_fn
+        return cast(Callable[[int], str], tokenizer_or_fn)  # the caller's own id -> word function
     tok = tokenizer_or_fn
 
     def decode(token_id: int) -> str:
@@ -43,7 +46,7 @@ def layer_labels(n: int, layers: Optional[Sequence[int]] = None) -> list[str]:
 
 def lens_grid(
     result: Any,
-    layout: Any,
+    layout: "TokenLayout",
     decode: Decoder,
     *,
     row: int = 0,
@@ -108,7 +111,7 @@ def pick_layers(n: int, max_layers: int) -> list[int]:
 
 def lens_panel(
     result: Any,
-    layout: Any,
+    layout: "TokenLayout",
     decode: Decoder,
     *,
     row: int = 0,

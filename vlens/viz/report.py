@@ -249,8 +249,9 @@ def _report_streams(model: "HookedVLM", inputs: "VLMInputs", lens_labels: Option
     that cannot start (a bad position, say) is an error result instead."""
     tok = model.tokenizer
 
-    def labels(_inputs: Any, row: int) -> torch.Tensor:
+    def labels(_inputs: "VLMInputs", row: int) -> torch.Tensor:
         # Ground-truth words: one the vocabulary lacks is no label (lens.label_id).
+        assert lens_labels is not None  # the lens stream gets this function only when there are labels
         return torch.tensor([-1 if w is None else label_id(tok, w) for w in lens_labels], dtype=torch.long)
 
     makers = {

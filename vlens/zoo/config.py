@@ -152,7 +152,7 @@ def build_model(arch: Architecture, processor: LlavaProcessor) -> LlavaForCondit
     config = LlavaConfig(
         vision_config=vision,
         text_config=text,
-        image_token_id=processor.image_token_id,
+        image_token_index=processor.image_token_id,  # the field image_token_id aliases (attribute_map)
         projector_hidden_act="gelu",
         vision_feature_select_strategy="default",
         vision_feature_layer=-1,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -22,6 +23,7 @@ from jaxtyping import Float
 from torch import Tensor
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
+from vlens._modules import generate
 from vlens.data.scenes import CAPTION_QUESTION, QUESTION_KINDS, Scene
 from vlens.zoo.examples import questions_for_eval
 from vlens.zoo.processor import prompt_text
@@ -62,7 +64,7 @@ def greedy_answers(
         inputs = processor(
             images=images[lo : lo + batch_size], text=texts, padding=True, return_tensors="pt"
         )
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        out = generate(model, **inputs, max_new_tokens=max_new_tokens, do_sample=False)
         new = out[:, inputs["input_ids"].shape[1] :]
         answers += [a.strip() for a in processor.batch_decode(new, skip_special_tokens=True)]
     return answers
@@ -134,7 +136,7 @@ class LayerMeasurements:
     n_patches: int
 
 
-def _residual_stream(model: LlavaForConditionalGeneration, inputs: dict) -> list[Tensor]:
+def _residual_stream(model: LlavaForConditionalGeneration, inputs: Mapping[str, Any]) -> list[Tensor]:
     """Hidden states per layer, the last one taken before the final norm (see module doc)."""
     captured: list[Tensor] = []
 

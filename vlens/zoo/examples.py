@@ -171,7 +171,8 @@ class Encoder:
         """Rendered generation prompt for a user turn (optionally with one image first)."""
         content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": text}]
         return self.processor.apply_chat_template(
-            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+            [{"role": "user", "content": content}],  # pyright: ignore[reportArgumentType]  # transformers types message content as str; a multimodal message's is a list of parts
+            add_generation_prompt=True, tokenize=False,
         )
 
     def encode(self, text: str, answer: str, *, with_image: bool, loss_on: str = "answer"

@@ -20,13 +20,14 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 from tqdm.auto import tqdm
-from transformers import LlavaForConditionalGeneration
+from transformers import LlavaForConditionalGeneration, PreTrainedConfig
 
 from vlens.zoo.config import StageSchedule
 from vlens.zoo.examples import (
@@ -147,7 +148,8 @@ def train_vision(
         The stage result and the trained heads (for `vision_patch_accuracy`; not shipped).
     """
     tower = model.model.vision_tower
-    heads = VisionHeads(model.config.vision_config.hidden_size)
+    # LlavaConfig types vision_config as dict | config | None; its __post_init__ makes it a config.
+    heads = VisionHeads(cast(PreTrainedConfig, model.config.vision_config).hidden_size)
     params = _set_trainable(model, [tower]) + list(heads.parameters())
     loss_fn = nn.CrossEntropyLoss(reduction="none")
 

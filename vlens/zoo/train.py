@@ -194,7 +194,7 @@ def run_recipe(
 
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry point (see the module docstring)."""
-    parser = argparse.ArgumentParser(prog="python -m vlens.zoo.train", description=__doc__.split("\n")[1])
+    parser = argparse.ArgumentParser(prog="python -m vlens.zoo.train", description=__doc__.split("\n")[1] if __doc__ else None)
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED,
                         help=f"training seed (default {DEFAULT_SEED}, the shipped checkpoint's)")
