@@ -53,8 +53,9 @@ def main() -> None:
         forward = statistics.median(forwards)
 
         start, cpu = time.perf_counter(), time.process_time()
-        drop = va.token_contributions(model, inputs, estimator="drop", batch_size=args.batch_size)
+        drop_result = va.token_contributions(model, inputs, estimator="drop", batch_size=args.batch_size)
         t_drop, c_drop = time.perf_counter() - start, time.process_time() - cpu
+        drop = drop_result.row(0)  # the one example
 
         (problem,) = row_problems(model, inputs, "benchmark")
         chosen = torch.arange(n_img) if args.naive_tokens <= 0 else torch.linspace(0, n_img - 1, args.naive_tokens).round().long()
@@ -78,7 +79,7 @@ def main() -> None:
     grads = []
     for _ in range(3):
         start = time.perf_counter()
-        grad = va.token_contributions(model, inputs, estimator="gradient")
+        grad = va.token_contributions(model, inputs, estimator="gradient").row(0)
         grads.append(time.perf_counter() - start)
     t_grad = statistics.median(grads)
 

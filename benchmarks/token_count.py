@@ -134,8 +134,8 @@ def main() -> None:
           f"(target >= 6x); max |loss_kv - loss_hf| = {diff_hf:.2e} (<= 1e-4)")
     print(f"speed-up naive/kv: {naive / kv:.2f}x wall, {min(cpus['naive']) / min(cpus['kv']):.2f}x cpu time "
           f"(FLOP ceiling {naive_flops / kv_flops:.2f}x); max |loss_kv - loss_naive| = {diff:.2e} (<= 1e-4)")
-    print(f"loss at 0, {n_img // 2}, {n_img} tokens: "
-          f"{results['kv'].loss[0]:.4f}, {results['kv'].loss[len(counts) // 2]:.4f}, {results['kv'].loss[-1]:.4f}")
+    loss = results["kv"].loss[0]  # the one row
+    print(f"loss at 0, {n_img // 2}, {n_img} tokens: {loss[0]:.4f}, {loss[len(counts) // 2]:.4f}, {loss[-1]:.4f}")
 
 
 if __name__ == "__main__":

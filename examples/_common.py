@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence, TypeVar
 
 import numpy as np
-import torch
 
 from vlens import HookedVLM
 from vlens.data import COLOURS, SHAPES, QA, Scene, make_scenes
@@ -117,20 +116,6 @@ def target_object(scene: Scene, qa: QA) -> int:
         if obj.colour == qa.answer and qa.question in asked:
             return i
     raise ValueError(f"no object of {scene.caption!r} answers {qa.question!r}")
-
-
-def word_ids(tokenizer: Any, word: str) -> list[int]:
-    """Token ids that spell the start of ``word`` (first token of "red", " red", "Red", ...),
-    dropping ids that decode to anything else (e.g. ``<unk>`` of a word-level tokenizer)."""
-    ids: list[int] = []
-    for form in (word, " " + word, word.capitalize(), " " + word.capitalize()):
-        encoded = tokenizer.encode(form, add_special_tokens=False)
-        if not encoded:
-            continue
-        text = tokenizer.decode([encoded[0]]).strip().lower()
-        if text and word.lower().startswith(text) and encoded[0] not in ids:
-            ids.append(int(encoded[0]))
-    return ids
 
 
 def batched(items: Sequence[T], size: int) -> Iterator[list[T]]:

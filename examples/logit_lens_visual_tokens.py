@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from examples import _common as common  # noqa: E402
 from vlens import analysis as va  # noqa: E402
+from vlens.analysis.lens import word_forms  # noqa: E402
 from vlens import viz  # noqa: E402
 from vlens.data import CAPTION_QUESTION, Scene  # noqa: E402
 
@@ -120,7 +121,7 @@ def measure(
     """Run the logit lens on every image token of ``scenes`` and test the claim (module doc)."""
     if common.image_grid(model) is None:
         raise ValueError("this finding needs visual tokens on a patch grid; Q-Former query tokens have none")
-    forms = [common.word_ids(model.tokenizer, w) for w in common.SCENE_WORDS]
+    forms = [word_forms(model.tokenizer, w) for w in common.SCENE_WORDS]
     tops, colour, shape, owner = [], [], [], []
     n_objects = 0
     for chunk in common.batched(scenes, batch_size):

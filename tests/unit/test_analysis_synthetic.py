@@ -318,3 +318,16 @@ def test_results_keep_the_batch_axis_and_row_trims_the_padding():
         row.masses
     assert f"mass=(2, {N_LAYERS}, {HEADS}) float32" in repr(ragged)
     assert "tensor(" not in repr(ragged)  # a short repr: shapes, not values
+
+
+def test_one_word_rule():
+    from tests.tiny import word_tokenizer
+    from vlens.analysis.lens import label_id, word_forms, word_id
+
+    tok = word_tokenizer(specials=[])
+    red = tok.convert_tokens_to_ids("red")
+    assert word_id(tok, "red") == red and label_id(tok, "red") == red
+    assert word_forms(tok, "red")[0] == red  # the first form is the word's own id
+    with pytest.raises(AnalysisInputError, match="'zebra' is not in the vocabulary"):
+        word_id(tok, "zebra")
+    assert label_id(tok, "zebra") == -1 and word_forms(tok, "zebra") == []

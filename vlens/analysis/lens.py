@@ -168,6 +168,23 @@ def word_id(tokenizer: Any, word: Word, what: str = "word") -> int:
     return int(ids[0])
 
 
+def word_forms(tokenizer: Any, word: str) -> list[int]:
+    """Every id that can stand for a word in a lens readout: the :func:`word_id` of each of its
+    surface forms (``"red"``, ``" red"``, ``"Red"``, ``" Red"``) that decodes to the start of
+    the word (a subword tokenizer spells " red" with its own token). The first entry, when
+    there is one, is ``word_id(tokenizer, word)``; forms the vocabulary lacks are left out."""
+    ids: list[int] = []
+    for form in (word, " " + word, word.capitalize(), " " + word.capitalize()):
+        try:
+            token = word_id(tokenizer, form)
+        except AnalysisInputError:
+            continue
+        text = tokenizer.decode([token]).strip().lower()
+        if text and word.lower().startswith(text) and token not in ids:
+            ids.append(token)
+    return ids
+
+
 def label_id(tokenizer: Any, word: Word) -> int:
     """:func:`word_id` for ground-truth labels, where a word the vocabulary lacks is no label: -1."""
     try:
