@@ -26,7 +26,7 @@ from vlens._modules import input_embeddings, output_embeddings, tensor
 from vlens._tl import TransformerBridge, build_bridge_from_module
 from vlens.adapters import VisionPrefixAdapter, adapter_for
 from vlens.cache import VLMCache
-from vlens.errors import HookNameError
+from vlens.errors import HookNameError, UnsupportedArchitectureError
 from vlens.hooks import HookIndex, NamesFilter, stage_of
 from vlens.inputs import LanguageModelInputs, VLMInputs
 from vlens.loading import (
@@ -139,6 +139,20 @@ class HookedVLM:
             bridge.enable_compatibility_mode()
         route_layer_cache(bridge)
         return cls(hf_model, processor, adapter, bridge, name=os.fspath(name_or_path))
+
+    def __repr__(self) -> str:
+        stages = self.adapter.stage_prefixes
+        per_stage = {stage: len(self.hook_names(stage)) for stage in stages}
+        hooks = ", ".join(f"{stage} {n}" for stage, n in per_stage.items())
+        try:
+            grid = self.adapter.scene_geometry().token_grid
+        except UnsupportedArchitectureError:  # a processor whose scene geometry vlens refuses: a repr never raises
+            grid = None
+        image = "" if grid is None else f", {grid[0] * grid[1]} image tokens for a {grid[0]}x{grid[1]} grid image"
+        return (
+            f"HookedVLM({self.name!r}: {self.adapter.family}, {self.n_layers} layers, d_model {self.cfg.d_model}"
+            f"{image}, {str(self.dtype).removeprefix('torch.')} on {self.device}; hooks: {hooks})"
+        )
 
     # ---- properties -----------------------------------------------------------------
 

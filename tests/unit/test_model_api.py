@@ -275,3 +275,17 @@ def test_run_with_cache_can_store_half_precision(llava_model, inputs):
     assert half["embed.hook_in"].dtype == full["embed.hook_in"].dtype  # token ids stay integers
     diff = (half["blocks.0.attn.hook_pattern"].float() - full["blocks.0.attn.hook_pattern"]).abs().max()
     assert float(diff) <= 1e-3
+
+
+def test_a_model_and_a_result_describe_themselves(llava_model, inputs):
+    text = repr(llava_model)
+    for fragment in ("llava", f"{llava_model.n_layers} layers", f"d_model {llava_model.cfg.d_model}", "float32",
+                     "cpu", f"language {len(llava_model.hook_names('language'))}"):
+        assert fragment in text, (fragment, text)
+    from vlens import analysis as va
+
+    stream = va.AttentionStream(llava_model)
+    stream.update(inputs)
+    result = stream.last_batch
+    assert "tensor(" not in repr(result) and f"mass=(1, {llava_model.n_layers}," in repr(result)
+    assert "<table>" in result._repr_html_() and "<code>received</code>" in result._repr_html_()

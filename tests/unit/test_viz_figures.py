@@ -114,3 +114,14 @@ def test_result_figures_render():
     assert fig.axes[0].lines[0].get_ydata().tolist() == [3.0, 2.0, 1.0]
     for f in (fig,):
         assert figure_png(f).startswith(b"\x89PNG")
+
+
+def test_figures_display_in_a_notebook_without_pyplot():
+    from vlens.viz._mpl import new_figure
+
+    fig = new_figure(2.0, 1.5)
+    fig.add_subplot(1, 1, 1).plot([0, 1], [1, 0])
+    png = fig._repr_png_()
+    assert png.startswith(b"\x89PNG")
+    formatters = pytest.importorskip("IPython.core.formatters", reason="IPython is not installed here")
+    assert formatters.PNGFormatter()(fig) == png  # what Jupyter shows, with no %matplotlib line

@@ -191,6 +191,21 @@ class ShortRepr:
         parts = [_short(f.name, getattr(self, f.name)) for f in dataclasses.fields(cast("DataclassInstance", self))]
         return f"{type(self).__name__}(" + ", ".join(parts) + ")"
 
+    def _repr_html_(self) -> str:
+        """A notebook's view: one table row per field, tensors by shape and dtype."""
+        import html
+
+        rows = []
+        for f in dataclasses.fields(cast("DataclassInstance", self)):
+            value = getattr(self, f.name)
+            if isinstance(value, Tensor):
+                shown = f"{tuple(value.shape)} {str(value.dtype).removeprefix('torch.')}"
+            else:
+                shown = repr(value)
+                shown = shown if len(shown) <= 80 else shown[:77] + "..."
+            rows.append(f"<tr><td><code>{html.escape(f.name)}</code></td><td>{html.escape(shown)}</td></tr>")
+        return f"<table><caption>{html.escape(type(self).__name__)}</caption>{''.join(rows)}</table>"
+
 
 class BatchedResult(ShortRepr):
     """Mixin of the result dataclasses: the batch size, one row's values, a short repr.
