@@ -1,12 +1,33 @@
-"""vlens: mechanistic interpretability for vision LLMs, on TransformerLens 4."""
+"""vlens: mechanistic interpretability for vision LLMs, on TransformerLens 4.
+
+The public names are imported on first use (PEP 562), so ``import vlens`` and the ``vlens``
+command's ``--help`` do not pay for torch and TransformerLens until a model is needed.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from vlens._compat import warn_untested_versions
-from vlens.cache import VLMCache
-from vlens.inputs import LanguageModelInputs, VLMInputs
-from vlens.layout import ImageSpan, TokenLayout
-from vlens.model import Generation, HookedVLM
+
+if TYPE_CHECKING:
+    from vlens.cache import VLMCache
+    from vlens.inputs import LanguageModelInputs, VLMInputs
+    from vlens.layout import ImageSpan, TokenLayout
+    from vlens.model import Generation, HookedVLM
 
 __version__ = "0.1.0"
+
+_PUBLIC = {
+    "Generation": "vlens.model",
+    "HookedVLM": "vlens.model",
+    "ImageSpan": "vlens.layout",
+    "LanguageModelInputs": "vlens.inputs",
+    "TokenLayout": "vlens.layout",
+    "VLMCache": "vlens.cache",
+    "VLMInputs": "vlens.inputs",
+}
 
 warn_untested_versions()
 
@@ -20,3 +41,15 @@ __all__ = [
     "VLMInputs",
     "__version__",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _PUBLIC:
+        value = getattr(importlib.import_module(_PUBLIC[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'vlens' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_PUBLIC])

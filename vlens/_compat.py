@@ -20,12 +20,11 @@ import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
-import torch
 from packaging.version import Version
 
-from vlens._modules import input_embeddings
-
 if TYPE_CHECKING:
+    import torch
+
     from vlens.model import HookedVLM
 
 
@@ -174,6 +173,10 @@ def layer_cache_problem(model: "HookedVLM") -> Optional[str]:
 
 
 def _probe_layer_cache(model: "HookedVLM") -> Optional[str]:
+    import torch  # here: `import vlens` (the CLI's --help) does not load torch
+
+    from vlens._modules import input_embeddings
+
     ids = torch.zeros(1, 2, dtype=torch.long, device=model.device)  # any two text tokens will do
     embeds = input_embeddings(model.hf_model)(ids)
     with torch.no_grad():

@@ -208,3 +208,14 @@ def test_a_missing_image_is_refused_before_the_model_loads(runner, tmp_path, mon
     monkeypatch.setattr(HookedVLM, "from_pretrained", must_not_load)
     result = run(runner, "report", "--image", tmp_path / "missing.png", "--out", tmp_path / "r")
     assert_one_line_error(result, "ImageFileError", "missing.png", "does not exist")
+
+
+def test_help_does_not_load_torch():
+    # `vlens --help` answers within a second because neither vlens nor the CLI imports torch or
+    # TransformerLens until a command needs a model (benchmarks/cli_latency.py times it).
+    import subprocess
+    import sys
+
+    code = "import sys, vlens, vlens.cli; print(sorted(m for m in ('torch', 'transformer_lens') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

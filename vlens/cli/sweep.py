@@ -25,7 +25,7 @@ from vlens.cli._common import (
     seed_option,
 )
 from vlens.errors import SweepConfigError
-from vlens.sweep.analyses import ANALYSES, DEFAULT_ANALYSES
+from vlens.sweep.catalog import ANALYSIS_NAMES, DEFAULT_ANALYSES
 
 SHORT_HELP = "Run analyses over a data set: resumable Parquet shards, data-parallel under accelerate launch."
 DATA_FORMATS = ("scenes", "coco", "jsonl", "hf")
@@ -49,7 +49,7 @@ _data_options = compose(
 
 _run_options = compose(
     click.option("--analyses", default=",".join(DEFAULT_ANALYSES), show_default=True, metavar="A,A,...",
-                 help=f"Comma-separated, from {','.join(sorted(ANALYSES))}."),
+                 help=f"Comma-separated, from {','.join(sorted(ANALYSIS_NAMES))}."),
     click.option("--param", "params", multiple=True, metavar="ANALYSIS.KEY=VALUE",
                  help="An analysis parameter (VALUE read as JSON, else as a string), e.g. logit_lens.k=10 or "
                       "attention_to_image.stream=false; repeatable."),

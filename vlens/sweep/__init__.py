@@ -12,21 +12,55 @@ Example:
     >>> report.summary.curves.query("analysis == 'logit_lens'")  # doctest: +SKIP
 """
 
-from vlens.sweep.analyses import (
-    ANALYSES,
-    DEFAULT_ANALYSES,
-    AttentionToImage,
-    LogitLens,
-    ModalitySimilarity,
-    SweepAnalysis,
-    TokenCountCurve,
-)
-from vlens.sweep.memory import MemoryEstimate, estimate_memory
-from vlens.sweep.runner import SweepReport, run
-from vlens.sweep.summary import SweepSummary, load_results, summarize
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from vlens.sweep.catalog import ANALYSIS_NAMES, DEFAULT_ANALYSES
+
+if TYPE_CHECKING:
+    from vlens.sweep.analyses import (
+        ANALYSES,
+        AttentionToImage,
+        LogitLens,
+        ModalitySimilarity,
+        SweepAnalysis,
+        TokenCountCurve,
+    )
+    from vlens.sweep.memory import MemoryEstimate, estimate_memory
+    from vlens.sweep.runner import SweepReport, run
+    from vlens.sweep.summary import SweepSummary, load_results, summarize
+
+# Imported on first use (PEP 562): the CLI reads the catalog without loading torch.
+_LAZY = {
+    "ANALYSES": "vlens.sweep.analyses",
+    "AttentionToImage": "vlens.sweep.analyses",
+    "LogitLens": "vlens.sweep.analyses",
+    "ModalitySimilarity": "vlens.sweep.analyses",
+    "SweepAnalysis": "vlens.sweep.analyses",
+    "TokenCountCurve": "vlens.sweep.analyses",
+    "MemoryEstimate": "vlens.sweep.memory",
+    "estimate_memory": "vlens.sweep.memory",
+    "SweepReport": "vlens.sweep.runner",
+    "run": "vlens.sweep.runner",
+    "SweepSummary": "vlens.sweep.summary",
+    "load_results": "vlens.sweep.summary",
+    "summarize": "vlens.sweep.summary",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'vlens.sweep' has no attribute {name!r}")
+
 
 __all__ = [
     "ANALYSES",
+    "ANALYSIS_NAMES",
     "DEFAULT_ANALYSES",
     "AttentionToImage",
     "LogitLens",

@@ -26,6 +26,7 @@ from vlens.analysis.similarity import SimilarityStream
 from vlens.analysis.streaming import Stream
 from vlens.analysis.tokens import token_count_curve
 from vlens.errors import AnalysisInputError
+from vlens.sweep.catalog import ANALYSIS_NAMES
 
 if TYPE_CHECKING:
     from vlens.cache import VLMCache
@@ -347,7 +348,8 @@ def _rows_of(model: "HookedVLM", inputs: "VLMInputs", rows: list[int]) -> "VLMIn
 ANALYSES: dict[str, type[SweepAnalysis]] = {
     cls.name: cls for cls in (ModalitySimilarity, AttentionToImage, LogitLens, TokenCountCurve)
 }
-DEFAULT_ANALYSES = ("modality_similarity", "attention_to_image", "logit_lens")
+if tuple(ANALYSES) != ANALYSIS_NAMES:  # the catalog the CLI reads must name exactly these
+    raise ImportError(f"vlens.sweep.catalog lists {ANALYSIS_NAMES}, the registry has {tuple(ANALYSES)}")
 
 
 def build_analyses(

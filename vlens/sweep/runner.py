@@ -24,7 +24,8 @@ from vlens.analysis.knockout import answer_losses
 from vlens.data.loaders import Example, ExampleSet
 from vlens.errors import DatasetError, SweepConfigError, VLensError
 from vlens.sweep import store
-from vlens.sweep.analyses import DEFAULT_ANALYSES, Batch, SweepAnalysis, build_analyses
+from vlens.sweep.analyses import Batch, SweepAnalysis, build_analyses
+from vlens.sweep.catalog import DEFAULT_ANALYSES
 from vlens.sweep.memory import MemoryEstimate, check_budget, estimate_memory, fmt_bytes, parse_bytes
 
 if TYPE_CHECKING:
