@@ -6,10 +6,10 @@ command's ``--help`` do not pay for torch and TransformerLens until a model is n
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from vlens._compat import warn_untested_versions
+from vlens._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from vlens.cache import VLMCache
@@ -43,12 +43,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _PUBLIC:
-        value = getattr(importlib.import_module(_PUBLIC[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'vlens' has no attribute {name!r}")
+__getattr__ = lazy_exports(globals(), _PUBLIC)
 
 
 def __dir__() -> list[str]:

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
+
+from torch import Tensor
 
 from vlens._tl import HookPoint
 from vlens.errors import HookNameError, closest
@@ -124,3 +126,11 @@ def stage_of(name: str, stage_prefixes: dict[str, tuple[str, ...]]) -> Optional[
         if any(name.startswith(p) for p in prefixes):
             return stage
     return None
+
+
+def hooked_tensor(value: Any) -> Optional[Tensor]:
+    """The tensor a hook function received: the value itself, the first element of a tuple
+    (some hook points carry ``(hidden, ...)``), or None when there is no tensor."""
+    if isinstance(value, tuple):
+        value = value[0] if value and isinstance(value[0], Tensor) else None
+    return value if isinstance(value, Tensor) else None

@@ -27,7 +27,7 @@ from vlens._tl import TransformerBridge, build_bridge_from_module
 from vlens.adapters import VisionPrefixAdapter, adapter_for
 from vlens.cache import VLMCache
 from vlens.errors import HookNameError, UnsupportedArchitectureError
-from vlens.hooks import HookIndex, NamesFilter, stage_of
+from vlens.hooks import HookIndex, NamesFilter, hooked_tensor, stage_of
 from vlens.inputs import LanguageModelInputs, VLMInputs
 from vlens.loading import (
     load_config,
@@ -345,10 +345,9 @@ class HookedVLM:
         cache_dtype = None if dtype is None else resolve_dtype(dtype)
 
         def make_hook(name: str) -> HookFn:
-            def save(tensor: Any, hook: Any) -> None:
-                if isinstance(tensor, tuple):
-                    tensor = tensor[0] if tensor and isinstance(tensor[0], Tensor) else None
-                if not isinstance(tensor, Tensor):
+            def save(value: Any, hook: Any) -> None:
+                tensor = hooked_tensor(value)
+                if tensor is None:
                     return None
                 # Module boundaries hand the same tensor from one hook point to the next
                 # (hook_out of one component is hook_in of the next): store it once.

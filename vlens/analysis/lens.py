@@ -193,6 +193,11 @@ def label_id(tokenizer: Any, word: Word) -> int:
         return -1
 
 
+def label_ids(tokenizer: Any, words: Sequence[Optional[Word]]) -> Int[Tensor, " n"]:
+    """Ground-truth labels per position (a word or None each) as ids: :func:`label_id`, -1 for none."""
+    return torch.tensor([-1 if w is None else label_id(tokenizer, w) for w in words], dtype=torch.long)
+
+
 def _label_ids(tokenizer: Any, labels: Any, n: int, row: int) -> Tensor:
     if isinstance(labels, Tensor):
         t = labels[row] if labels.ndim == 2 else labels

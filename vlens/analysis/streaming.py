@@ -32,6 +32,7 @@ from torch import Tensor
 
 from vlens.analysis._common import ShortRepr, long_frame, typechecked
 from vlens.errors import AnalysisInputError
+from vlens.hooks import hooked_tensor
 
 if TYPE_CHECKING:
     from vlens.cache import VLMCache
@@ -85,12 +86,6 @@ class Reduction(ABC, Generic[ResultT]):
                 pieces = [self.reduce(i, cache[name][row], ctx) for i, name in enumerate(self.names)]
                 rows.append(self.assemble(ctx, pieces))
         return self.result(rows)
-
-
-def _tensor(value: Any) -> Optional[Tensor]:
-    if isinstance(value, tuple):
-        value = value[0] if value and isinstance(value[0], Tensor) else None
-    return value if isinstance(value, Tensor) else None
 
 
 class _Sums:
@@ -164,7 +159,7 @@ class Stream(ABC, Generic[ResultT]):
 
         def make(index: int) -> HookFn:
             def reduce(activation: Any, hook: Any) -> None:
-                tensor = _tensor(activation)
+                tensor = hooked_tensor(activation)
                 if tensor is None:
                     return None
                 with torch.no_grad():

@@ -203,14 +203,10 @@ class Setup:
 
     def lens_label_ids(self) -> Optional[Any]:
         """:meth:`lens_labels` as token ids (-1: none), for a ``LensStream``."""
-        import torch
-
-        from vlens.analysis.lens import label_id
+        from vlens.analysis.lens import label_ids
 
         words = self.lens_labels()
-        if words is None:
-            return None
-        return torch.tensor([-1 if w is None else label_id(self.model.tokenizer, w) for w in words], dtype=torch.long)
+        return None if words is None else label_ids(self.model.tokenizer, words)
 
 
 def with_setup(need_answer: bool = False) -> Callable:

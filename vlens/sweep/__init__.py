@@ -14,9 +14,9 @@ Example:
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from vlens._lazy import lazy_exports
 from vlens.sweep.catalog import ANALYSIS_NAMES, DEFAULT_ANALYSES
 
 if TYPE_CHECKING:
@@ -50,12 +50,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'vlens.sweep' has no attribute {name!r}")
+__getattr__ = lazy_exports(globals(), _LAZY)
 
 
 __all__ = [

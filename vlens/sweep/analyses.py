@@ -14,7 +14,7 @@ embeddings; ``n_layers`` for attention: one per block).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Optional, Sequence
 
 import torch
@@ -42,7 +42,6 @@ class Batch:
     inputs: "VLMInputs"
     examples: list
     images: list
-    state: dict = field(default_factory=dict)
 
     @property
     def layout(self) -> "TokenLayout":

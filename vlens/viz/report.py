@@ -26,7 +26,7 @@ import PIL.Image
 import torch
 
 from vlens import analysis as va
-from vlens.analysis.lens import label_id
+from vlens.analysis.lens import label_ids
 from vlens.viz._html import data_table, esc, figure_block, figure_png, page
 from vlens.viz.attention import attention_view
 from vlens.viz.curves import attention_mass_figure, bar_figure, count_curve_figure, layer_curve, similarity_figure
@@ -252,7 +252,7 @@ def _report_streams(model: "HookedVLM", inputs: "VLMInputs", lens_labels: Option
     def labels(_inputs: "VLMInputs", row: int) -> torch.Tensor:
         # Ground-truth words: one the vocabulary lacks is no label (lens.label_id).
         assert lens_labels is not None  # the lens stream gets this function only when there are labels
-        return torch.tensor([-1 if w is None else label_id(tok, w) for w in lens_labels], dtype=torch.long)
+        return label_ids(tok, lens_labels)
 
     makers = {
         "lens": lambda: va.LensStream(model, positions="image", k=5, labels=labels if lens_labels else None),
