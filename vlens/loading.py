@@ -168,12 +168,14 @@ def load_config(source: str) -> Any:
         raise UnsupportedArchitectureError(f"the model config in {source!r} is not valid: {err}") from None
 
 
-def load_processor(source: str) -> Any:
-    """The checkpoint's processor (tokenizer and image processor)."""
-    from transformers import AutoProcessor
+def load_processor(source: str, video_processor_class: Optional[str] = None) -> Any:
+    """The checkpoint's processor (tokenizer and image processor); for a family whose processor
+    also has a video part (``video_processor_class``, the adapter's), that class for images
+    only where torchvision cannot be imported."""
+    from vlens.adapters._processors import load_family_processor
 
     try:
-        return AutoProcessor.from_pretrained(source)
+        return load_family_processor(source, video_processor_class)
     except (OSError, ValueError, TypeError) as err:
         raise CheckpointNotFoundError(
             f"cannot load the processor (tokenizer + image processor) of {source!r}: {err}"

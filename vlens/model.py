@@ -123,7 +123,7 @@ class HookedVLM:
         config = load_config(source)
         adapter_cls = adapter_for(config)
         adapter_cls.check_config(config)
-        processor = load_processor(source)
+        processor = load_processor(source, adapter_cls.video_processor_class)
         adapter = adapter_cls(config, processor)
         hf_model = load_hf_model(adapter_cls.hf_model_class(), source, torch_dtype, torch_device, device_map)
         bridge = build_bridge_from_module(

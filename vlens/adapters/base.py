@@ -45,6 +45,7 @@ class VisionPrefixAdapter(ABC):
             template; ``{images}`` becomes the placeholders, ``{prompt}`` the prompt.
         layout_needs_model: Whether the layout needs a forward of the model's vision
             stack (:meth:`enrich_layout`), e.g. Q-Former query attention maps.
+        video_processor_class: See the attribute.
     """
 
     family: ClassVar[str]
@@ -53,6 +54,10 @@ class VisionPrefixAdapter(ABC):
     model_input_names: ClassVar[tuple[str, ...]] = ()
     fallback_template: ClassVar[str] = "{images}\n{prompt}"
     layout_needs_model: ClassVar[bool] = False
+    video_processor_class: ClassVar[Optional[str]] = None
+    """The transformers processor class of a family whose processor holds a video processor
+    (which transformers builds only with torchvision); where torchvision cannot be imported,
+    vlens loads that class for images only (``vlens.adapters._processors``)."""
     stage_prefixes: ClassVar[dict[str, tuple[str, ...]]] = {
         "vision": ("vision_encoder.",),
         "connector": ("vision_projector.",),

@@ -1,0 +1,117 @@
+"""Loading a family's processor for images where transformers cannot build its video part.
+
+Several families' processors (Qwen-VL, LLaVA-OneVision, SmolVLM, Pixtral, ...) hold a video
+processor beside the image processor and the tokenizer. transformers builds video processors
+only with torchvision, and ``AutoProcessor`` refuses the whole processor without it, although
+the image processors fall back to PIL. vlens analyses images, so where torchvision cannot be
+imported it loads the family's own processor class with its real image processor and
+tokenizer and no video processor, says so once, and refuses video inputs; where torchvision
+works, ``AutoProcessor`` loads the full processor as usual.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import warnings
+from typing import Any
+
+from vlens.errors import UnsupportedArchitectureError
+
+
+class VideoProcessorUnavailableWarning(UserWarning):
+    """A processor was loaded for images only, because torchvision cannot be imported."""
+
+
+@functools.cache
+def torchvision_problem() -> str | None:
+    """Why torchvision cannot be used here (None when it imports): a missing package, or a
+    build that does not match the installed torch (``operator torchvision::nms does not exist``)."""
+    try:
+        import torchvision  # noqa: F401
+    except Exception as err:  # a mismatched build raises RuntimeError at import
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+@functools.cache
+def images_only(processor_class: type) -> type:
+    """A subclass of ``processor_class`` without its video processor.
+
+    transformers finds a processor's parts from its ``__init__`` signature; this one's lists
+    every part but ``video_processor`` and hands the parent ``video_processor=None``. Saved,
+    it writes the parent's name as its ``processor_class``, so a folder it writes loads with
+    ``AutoProcessor`` where torchvision is installed.
+    """
+    signature = inspect.signature(processor_class.__init__)
+    if "video_processor" not in signature.parameters:
+        return processor_class
+    parameters = [p for name, p in signature.parameters.items() if name != "video_processor"]
+    own_signature = signature.replace(parameters=parameters)
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        named = dict(own_signature.bind(self, *args, **kwargs).arguments)
+        named.pop("self")
+        extra = named.pop("kwargs", {})
+        processor_class.__init__(self, video_processor=None, **named, **extra)
+
+    def to_dict(self: Any) -> dict[str, Any]:
+        out = processor_class.to_dict(self)
+        out["processor_class"] = processor_class.__name__
+        return out
+
+    __init__.__signature__ = own_signature  # type: ignore[attr-defined]
+    return type(f"{processor_class.__name__}ImagesOnly", (processor_class,), {
+        "__init__": __init__,
+        "to_dict": to_dict,
+        "__doc__": f"{processor_class.__name__} with its image processor and tokenizer and no video processor.",
+    })
+
+
+def load_images_only(source: str, processor_class: type) -> Any:
+    """``processor_class`` loaded from ``source`` without its video processor: its own
+    settings (``processor_config.json``, chat template), the tokenizer and image processor
+    through the Auto classes."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    cls = images_only(processor_class)
+    settings, _ = processor_class.get_processor_dict(source)
+    parts: dict[str, Any] = {}
+    for name in cls.get_attributes():
+        if name == "tokenizer":
+            parts[name] = AutoTokenizer.from_pretrained(source)
+        elif name == "image_processor":
+            parts[name] = AutoImageProcessor.from_pretrained(source)
+        else:
+            raise UnsupportedArchitectureError(
+                f"{processor_class.__name__} has a part {name!r} that vlens cannot load without torchvision"
+            )
+    accepted = inspect.signature(cls.__init__).parameters
+    options = {k: v for k, v in settings.items() if k in accepted and k not in parts and k != "self"}
+    return cls(**parts, **options)
+
+
+def load_family_processor(source: str, processor_class_name: str | None) -> Any:
+    """The processor of ``source``: ``AutoProcessor``'s, or, for a family whose processor has a
+    video part (``processor_class_name``) where torchvision cannot be imported, that class for
+    images only (with one :class:`VideoProcessorUnavailableWarning` saying so)."""
+    import transformers
+
+    problem = torchvision_problem() if processor_class_name else None
+    if problem is None:
+        return transformers.AutoProcessor.from_pretrained(source)
+    processor = load_images_only(source, getattr(transformers, processor_class_name))
+    _warn_images_only(processor_class_name, problem)
+    return processor
+
+
+@functools.cache
+def _warn_images_only(processor_class_name: str, problem: str) -> None:
+    warnings.warn(
+        f"torchvision cannot be imported here ({problem}), and transformers builds video processors only with "
+        f"it: vlens loaded {processor_class_name} for images only (its image processor and tokenizer, no video "
+        "processor), so video inputs are refused. Images are unaffected. To process videos, install the "
+        "torchvision build that matches your torch.",
+        VideoProcessorUnavailableWarning,
+        stacklevel=3,
+    )
