@@ -28,7 +28,7 @@ def torchvision_problem() -> str | None:
     """Why torchvision cannot be used here (None when it imports): a missing package, or a
     build that does not match the installed torch (``operator torchvision::nms does not exist``)."""
     try:
-        import torchvision  # noqa: F401
+        import torchvision  # noqa: F401  # pyright: ignore[reportMissingImports]
     except Exception as err:  # a mismatched build raises RuntimeError at import
         return f"{type(err).__name__}: {err}"
     return None
@@ -53,7 +53,7 @@ def images_only(processor_class: type) -> type:
         named = dict(own_signature.bind(self, *args, **kwargs).arguments)
         named.pop("self")
         extra = named.pop("kwargs", {})
-        processor_class.__init__(self, video_processor=None, **named, **extra)
+        processor_class.__init__(self, video_processor=None, **named, **extra)  # pyright: ignore[reportCallIssue]
 
     def to_dict(self: Any) -> dict[str, Any]:
         out = processor_class.to_dict(self)
@@ -98,7 +98,7 @@ def load_family_processor(source: str, processor_class_name: str | None) -> Any:
     import transformers
 
     problem = torchvision_problem() if processor_class_name else None
-    if problem is None:
+    if problem is None or processor_class_name is None:
         return transformers.AutoProcessor.from_pretrained(source)
     processor = load_images_only(source, getattr(transformers, processor_class_name))
     _warn_images_only(processor_class_name, problem)
