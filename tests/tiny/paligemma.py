@@ -60,11 +60,15 @@ def build_paligemma(
     patch: int = 7,
     gemma2: bool = False,
     sliding_window: int = 24,
+    softcap: float = 1.0,
     seed: int = 0,
     save_model: bool = True,
 ) -> Path:
     """Write a tiny random PaliGemma (or PaliGemma 2) with the real processor to ``out``.
 
+    ``softcap`` is PaliGemma 2's attention and final-logit soft cap ``cap * tanh(x / cap)``:
+    the released 50 and 30 would leave a tiny model's scores and logits (about 1) on the
+    linear part of the tanh, where forgetting the cap goes unnoticed; 1.0 bends them.
     ``save_model=False`` writes only the config and processor (enough for layout tests).
     """
     torch.manual_seed(seed)
@@ -87,7 +91,7 @@ def build_paligemma(
         text = Gemma2Config(
             **common, query_pre_attn_scalar=8, sliding_window=sliding_window,
             layer_types=["sliding_attention", "full_attention", "sliding_attention"],
-            attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+            attn_logit_softcapping=softcap, final_logit_softcapping=softcap,
         )
     else:
         text = GemmaConfig(**common)
