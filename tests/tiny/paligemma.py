@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
 from transformers import (
-    GemmaConfig,
     Gemma2Config,
+    GemmaConfig,
     PaliGemmaConfig,
     PaliGemmaForConditionalGeneration,
     PaliGemmaProcessor,
