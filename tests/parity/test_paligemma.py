@@ -4,6 +4,7 @@ the tower's patches."""
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import PIL.Image
@@ -21,7 +22,8 @@ from tests.parity.helpers import (
 )
 from tests.tiny.paligemma import build_paligemma
 from vlens import analysis as va
-from vlens.errors import PromptError
+from vlens.adapters.paligemma import PaliGemmaAdapter
+from vlens.errors import PromptError, UnsupportedArchitectureError
 
 VARIANTS = {"paligemma": dict(gemma2=False), "paligemma2": dict(gemma2=True)}
 PROMPT, ANSWER = "what is in the image ?", "a red circle on the left ."
@@ -186,3 +188,19 @@ def test_prompts_the_prefix_format_cannot_hold_are_refused(tiny, photo, photo2):
     with pytest.raises(PromptError, match="at least one image"):
         model.prepare([photo, []], [PROMPT, PROMPT])
     assert model.prepare(photo, "<image>" + PROMPT, chat_template=False).texts == ("<image>" + PROMPT,)
+
+
+def test_config_settings_the_adapter_does_not_handle_are_refused(tiny):
+    model, _ = tiny
+    config = copy.deepcopy(model.hf_model.config)
+    config.text_config.model_type = "gemma3_text"
+    with pytest.raises(UnsupportedArchitectureError, match=r"config\.text_config\.model_type = 'gemma3_text'"):
+        PaliGemmaAdapter.check_config(config)
+    config = copy.deepcopy(model.hf_model.config)
+    config.vision_config.model_type = "clip_vision_model"
+    with pytest.raises(UnsupportedArchitectureError, match=r"config\.vision_config\.model_type"):
+        PaliGemmaAdapter.check_config(config)
+    processor = copy.deepcopy(model.processor)
+    processor.image_seq_length = 10
+    with pytest.raises(UnsupportedArchitectureError, match="image_seq_length"):
+        PaliGemmaAdapter(model.hf_model.config, processor)
