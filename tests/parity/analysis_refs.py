@@ -58,6 +58,7 @@ FAMILIES = {
     "blip2": Family("blip", "build_blip2", "blip2", lm_attr="language_model"),
     "instructblip": Family("blip", "build_instructblip", "instructblip", lm_attr="language_model", reads_prompt=True),
     "gemma3": Family("gemma3", "build_gemma3", "gemma3", per_token=("token_type_ids",)),
+    "smolvlm": Family("smolvlm", "build_smolvlm", "smolvlm"),
     "paligemma": Family(
         "paligemma", "build_paligemma", "paligemma", reads_prompt=True, prompt_from_layer=1,
         per_token=("token_type_ids",),

@@ -15,6 +15,7 @@ from tests.tiny.idefics3 import build_idefics3
 from tests.tiny.llava import build_llava
 from tests.tiny.llava_next import build_llava_next
 from tests.tiny.paligemma import build_paligemma
+from tests.tiny.smolvlm import build_smolvlm
 
 FAMILY_BUILDERS: dict[str, Callable[[Path], Path]] = {
     "llava": build_llava,
@@ -24,4 +25,5 @@ FAMILY_BUILDERS: dict[str, Callable[[Path], Path]] = {
     "blip2": build_blip2,
     "instructblip": build_instructblip,
     "paligemma": build_paligemma,
+    "smolvlm": build_smolvlm,
 }

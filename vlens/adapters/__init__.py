@@ -15,9 +15,10 @@ from vlens.adapters.idefics3 import Idefics3Adapter
 from vlens.adapters.llava import LlavaAdapter
 from vlens.adapters.llava_next import LlavaNextAdapter
 from vlens.adapters.paligemma import PaliGemmaAdapter
+from vlens.adapters.smolvlm import SmolVLMAdapter
 from vlens.errors import UnsupportedArchitectureError
 
-ADAPTERS: tuple[type[VisionPrefixAdapter], ...] = (LlavaAdapter, LlavaNextAdapter, Idefics3Adapter, Gemma3Adapter, Blip2Adapter, InstructBlipAdapter, PaliGemmaAdapter)
+ADAPTERS: tuple[type[VisionPrefixAdapter], ...] = (LlavaAdapter, LlavaNextAdapter, Idefics3Adapter, Gemma3Adapter, Blip2Adapter, InstructBlipAdapter, PaliGemmaAdapter, SmolVLMAdapter)
 
 
 def supported_architectures() -> dict[str, type[VisionPrefixAdapter]]:

@@ -11,12 +11,44 @@ works, ``AutoProcessor`` loads the full processor as usual.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
+import sys
 import warnings
-from typing import Any
+from typing import Any, Iterator
 
 from vlens.errors import UnsupportedArchitectureError
+
+VIDEO_ONLY_IMPORTS: tuple[str, ...] = ("num2words",)
+"""Optional packages a processor module imports for video prompts only, and whose absence its
+``__init__`` nevertheless refuses (SmolVLM's spells a video's frame count in words with
+``num2words``, and raises ImportError without it even for images)."""
+
+
+@contextlib.contextmanager
+def video_only_imports_absent(processor_class: type) -> Iterator[None]:
+    """While a processor of ``processor_class`` is built: each package of
+    :data:`VIDEO_ONLY_IMPORTS` that its module failed to import (left as None) is stood in for
+    by a function that raises a clear ImportError when a video prompt calls it, so that the
+    ``__init__``'s check passes for images. The module is restored on exit."""
+    module = sys.modules.get(processor_class.__module__)
+    absent = [name for name in VIDEO_ONLY_IMPORTS if module is not None and name in vars(module)
+              and getattr(module, name) is None]
+    for name in absent:
+        setattr(module, name, _missing_package(name, processor_class.__name__))
+    try:
+        yield
+    finally:
+        for name in absent:
+            setattr(module, name, None)
+
+
+def _missing_package(name: str, processor_class_name: str) -> Any:
+    def missing(*args: Any, **kwargs: Any) -> Any:
+        raise ImportError(f"{processor_class_name} needs the package {name!r} for video prompts; install it")
+
+    return missing
 
 
 class VideoProcessorUnavailableWarning(UserWarning):
@@ -97,10 +129,14 @@ def load_family_processor(source: str, processor_class_name: str | None) -> Any:
     images only (with one :class:`VideoProcessorUnavailableWarning` saying so)."""
     import transformers
 
-    problem = torchvision_problem() if processor_class_name else None
-    if problem is None or processor_class_name is None:
+    if processor_class_name is None:
         return transformers.AutoProcessor.from_pretrained(source)
-    processor = load_images_only(source, getattr(transformers, processor_class_name))
+    processor_class = getattr(transformers, processor_class_name)
+    problem = torchvision_problem()
+    with video_only_imports_absent(processor_class):
+        if problem is None:
+            return transformers.AutoProcessor.from_pretrained(source)
+        processor = load_images_only(source, processor_class)
     _warn_images_only(processor_class_name, problem)
     return processor
 

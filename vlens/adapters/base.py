@@ -159,10 +159,16 @@ class VisionPrefixAdapter(ABC):
             content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": prompt}]
         if getattr(self.processor, "chat_template", None):
             messages = [{"role": "user", "content": content}]
-            return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            return self.render_chat(messages)
         if found:
             return self.fallback_template.format(images="", prompt=prompt)
         return self.fallback_template.format(images=placeholder * n_images, prompt=prompt)
+
+    def render_chat(self, messages: list[dict]) -> str:
+        """The processor's chat template applied to ``messages``, ending with the generation
+        prompt. A family whose processor's ``apply_chat_template`` needs a part vlens may load
+        without (SmolVLM's reads its video processor) overrides this."""
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     def prompt_placeholder(self) -> str:
         """The text that stands for one image in a prompt, before the processor expands it.
