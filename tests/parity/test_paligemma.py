@@ -17,6 +17,7 @@ from tests.parity.helpers import (
     assert_generate_matches_hf,
     assert_matches_hf,
     batch_and_singles,
+    greedy_without_cache,
     hooked_and_reference,
     max_diff,
 )
@@ -118,15 +119,15 @@ def test_token_box_is_the_patch_the_processor_cuts(tiny):
     width, height = 2 * side, 3 * side
     probe = PIL.Image.new("RGB", (width, height))
     (span,) = model.prepare(probe, PROMPT).layout.images[0]
-    k = int(((span.row_col[:, 0] == 5) & (span.row_col[:, 1] == 2)).nonzero())
+    k = int(((span.row_col[:, 0] == 3) & (span.row_col[:, 1] == 2)).nonzero())
     x0, y0, x1, y1 = span.boxes[k].tolist()
-    assert (x0, y0, x1, y1) == (2 * patch * 2, 5 * patch * 3, 3 * patch * 2, 6 * patch * 3)
+    assert (x0, y0, x1, y1) == (2 * patch * 2, 3 * patch * 3, 3 * patch * 2, 4 * patch * 3)
     probe.paste((255, 255, 255), (int(x0), int(y0), int(x1), int(y1)))
     pixels = model.prepare(probe, PROMPT).pixel_values[0].mean(0)  # [side, side]
     cells = pixels[: span.grid[0] * patch, : span.grid[1] * patch].unfold(0, patch, patch).unfold(1, patch, patch)
     brightness = cells.mean(dim=(-1, -2)).flatten()
     order = brightness.argsort(descending=True)
-    assert int(order[0]) == 5 * span.grid[1] + 2
+    assert int(order[0]) == 3 * span.grid[1] + 2
     assert float(brightness[order[0]] - brightness[order[1]]) > 1.0  # others at most catch the resize's blur
 
 
@@ -151,10 +152,16 @@ def test_a_row_without_answer_is_the_prompt_alone(tiny, photo, photo2):
     assert_batched_equals_unbatched(model, batch, [model.prepare(photo, PROMPT, answer=ANSWER), alone])
 
 
-def test_greedy_generate_equals_hf_with_generated_tokens_as_suffix(tiny, photo2):
+def test_greedy_generate_equals_hf_with_generated_tokens_as_suffix(tiny, photo):
     model, reference = tiny
-    inputs = model.prepare(photo2, "describe the image .")
-    assert_generate_matches_hf(model, reference, inputs, n=5, grow={"token_type_ids": 1})
+    inputs = model.prepare(photo, PROMPT)
+    assert_generate_matches_hf(model, reference, inputs, n=6, grow={"token_type_ids": 1})
+    if model.hf_model.config.text_config.model_type == "gemma2":
+        # This input tells the two apart: generated tokens typed as prefix would continue differently.
+        # (The tiny Gemma 1 tower repeats one token whatever the types, so it cannot show it.)
+        kwargs = inputs.model_kwargs()
+        as_prefix = greedy_without_cache(reference, kwargs, 6, {"token_type_ids": 0})
+        assert not torch.equal(as_prefix, greedy_without_cache(reference, kwargs, 6, {"token_type_ids": 1}))
 
 
 def test_two_images_in_one_row_equal_hf(tiny, photo, photo2):
@@ -172,7 +179,7 @@ def test_kv_engine_falls_back_as_the_contract_expects(tiny, photo):
     inputs = model.prepare(photo, PROMPT, answer=ANSWER)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # an expected fallback does not warn
-        curve = va.token_count_curve(model, inputs, counts=[0, 32, 64], engine="kv")
+        curve = va.token_count_curve(model, inputs, counts=[0, 8, 16], engine="kv")
     assert curve.engine == "naive"
     assert "not causal over the image" in curve.engine_reason
 

@@ -1,8 +1,9 @@
 """Tiny PaliGemma / PaliGemma 2 checkpoints: SigLIP tower, linear projector, Gemma (or Gemma 2) tower.
 
-With ``image_size=56`` and ``patch=7`` the tower sees an 8 x 8 patch grid: 64 image tokens per
-image, in raster order, with no markers. The real ``PaliGemmaProcessor`` writes
-``<image>*64 <bos> prompt \\n`` (its own format) and, given a suffix, ``answer <eos>`` after it
+With ``image_size=28`` and ``patch=7`` the tower sees a 4 x 4 patch grid: 16 image tokens per
+image, in raster order, with no markers (few, because PaliGemma's token-removal analyses run
+one full forward per variant). The real ``PaliGemmaProcessor`` writes
+``<image>*16 <bos> prompt \\n`` (its own format) and, given a suffix, ``answer <eos>`` after it
 with ``token_type_ids`` 1, and adds its 1,152 ``<locNNNN>`` / ``<segNNN>`` tokens to the
 vocabulary: the text tower's vocabulary is sized to the tokenizer after that, as the real
 checkpoints' 257,152 + ... are.
@@ -56,7 +57,7 @@ def gemma_word_tokenizer() -> PreTrainedTokenizerFast:
 
 def build_paligemma(
     out: Path,
-    image_size: int = 56,
+    image_size: int = 28,
     patch: int = 7,
     gemma2: bool = False,
     sliding_window: int = 24,
