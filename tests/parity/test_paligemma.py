@@ -59,6 +59,11 @@ def test_the_processor_format_and_the_answer_as_suffix(tiny, photo):
     assert torch.equal(types.bool(), inputs.layout.answer_mask[0])  # exactly the answer is suffix
     assert int(inputs.layout.answer_start[0]) == n + 1 + len(PROMPT.split()) + 1
     assert inputs.texts == ("<image>" + PROMPT,)  # no newline between the image and the prompt
+    # The processor's 1,024 location and 128 segmentation tokens are in the vocabulary the model reads.
+    vocab = tok.get_vocab()
+    extra = [t for t in vocab if (t.startswith("<loc") or t.startswith("<seg")) and t.endswith(">")]
+    assert len(extra) == 1152 and {"<loc0000>", "<loc1023>", "<seg000>", "<seg127>"} <= set(extra)
+    assert len(tok) == model.hf_model.config.text_config.vocab_size == model.cfg.d_vocab
 
 
 def test_prefix_is_bidirectional_and_suffix_causal(tiny, photo):

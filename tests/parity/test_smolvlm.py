@@ -21,7 +21,7 @@ from tests.parity.helpers import (
     hooked_and_reference,
 )
 from tests.tiny.smolvlm import build_smolvlm
-from vlens.adapters._processors import torchvision_problem
+from vlens.adapters._processors import torchvision_problem, video_only_imports_absent
 from vlens.adapters.smolvlm import SmolVLMAdapter
 from vlens.errors import UnsupportedArchitectureError
 
@@ -48,6 +48,11 @@ def test_processor_loads_for_images_without_torchvision_or_num2words(tiny):
     # The module is left as transformers imported it.
     from transformers.models.smolvlm import processing_smolvlm
 
+    assert processing_smolvlm.num2words is None
+    # While vlens builds the processor, a video prompt would get a clear error, not a TypeError.
+    with video_only_imports_absent(transformers.SmolVLMProcessor):
+        with pytest.raises(ImportError, match="needs the package 'num2words' for video prompts"):
+            processing_smolvlm.num2words(3)
     assert processing_smolvlm.num2words is None
 
 
