@@ -253,8 +253,13 @@ class PaliGemmaAdapter(SequentialPositions, VisionPrefixAdapter):
             if suffix:
                 continue
             types = batch["token_type_ids"][row]
-            (lone,) = (types.bool() & batch["attention_mask"][row].bool()).nonzero().flatten().tolist()
-            assert int(batch["input_ids"][row, lone]) == eos  # the empty suffix is only <eos>
+            suffix_positions = (types.bool() & batch["attention_mask"][row].bool()).nonzero().flatten().tolist()
+            if len(suffix_positions) != 1 or int(batch["input_ids"][row, suffix_positions[0]]) != eos:
+                raise UnsupportedArchitectureError(
+                    f"paligemma: the processor made an empty suffix into {len(suffix_positions)} token(s), not the "
+                    "single <eos> vlens expects; prepare rows with and without answers in separate batches"
+                )
+            lone = suffix_positions[0]
             batch["input_ids"][row, lone] = self.tokenizer.pad_token_id
             batch["attention_mask"][row, lone] = 0
             batch["token_type_ids"][row, lone] = 0
