@@ -184,6 +184,19 @@ def check_pinpoints(config: Any, family: str) -> None:
         )
 
 
+def check_tower_strategy(config: Any, family: str) -> None:
+    """Refuse a feature-selection strategy that leaves a CLS token in (CLIP with 'full') or a real
+    patch out of (SigLIP with 'default') every tile: the tiles would not be square grids."""
+    has_cls = config.vision_config.model_type == "clip_vision_model"
+    if has_cls != (config.vision_feature_select_strategy == "default"):
+        raise UnsupportedArchitectureError(
+            f"{family}: vision_feature_select_strategy={config.vision_feature_select_strategy!r} with a "
+            f"{config.vision_config.model_type} tower leaves "
+            f"{'a CLS token in' if has_cls else 'a real patch out of'} every tile, so the tiles do not form "
+            "square grids; vlens handles CLIP towers with 'default' and SigLIP towers with 'full'"
+        )
+
+
 class AnyresAdapter(SequentialPositions, VisionPrefixAdapter):
     """What the anyres families share: spans from ``image_sizes``, pixel boxes, scene geometry.
 

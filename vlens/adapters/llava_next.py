@@ -26,12 +26,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from vlens.adapters._anyres import AnyresAdapter, AnyresCanvas, anyres_canvas, check_pinpoints, patch_output_size
+from vlens.adapters._anyres import (
+    AnyresAdapter,
+    AnyresCanvas,
+    anyres_canvas,
+    check_pinpoints,
+    check_tower_strategy,
+    patch_output_size,
+)
 from vlens.adapters.base import expect
 from vlens.adapters.llava import LLAMA_STYLE_TEXT_MODELS
-from vlens.errors import UnsupportedArchitectureError
 
-__all__ = ["AnyresCanvas", "LlavaNextAdapter", "anyres_canvas", "check_pinpoints", "patch_output_size"]
+__all__ = ["AnyresCanvas", "LlavaNextAdapter", "anyres_canvas", "patch_output_size"]
 
 
 class LlavaNextAdapter(AnyresAdapter):
@@ -50,12 +56,5 @@ class LlavaNextAdapter(AnyresAdapter):
         expect(config.vision_config, "model_type", towers, cls.family, where="config.vision_config")
         # TransformerLens's LLaVA-NeXT bridge is its LLaVA bridge: a Llama-style text tower.
         expect(config.text_config, "model_type", LLAMA_STYLE_TEXT_MODELS, cls.family, where="config.text_config")
-        has_cls = config.vision_config.model_type == "clip_vision_model"
-        if has_cls != (config.vision_feature_select_strategy == "default"):
-            raise UnsupportedArchitectureError(
-                f"llava_next: vision_feature_select_strategy={config.vision_feature_select_strategy!r} with a "
-                f"{config.vision_config.model_type} tower leaves "
-                f"{'a CLS token in' if has_cls else 'a real patch out of'} every tile, so the tiles do not form "
-                "square grids; vlens handles CLIP towers with 'default' and SigLIP towers with 'full'"
-            )
+        check_tower_strategy(config, cls.family)
         check_pinpoints(config, cls.family)
