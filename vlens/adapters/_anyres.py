@@ -354,7 +354,9 @@ class AnyresAdapter(SequentialPositions, VisionPrefixAdapter):
 
     def token_boxes(self, span: ImageSpan, image_size: tuple[int, int]) -> Float[Tensor, "n 4"]:
         width, height = image_size
-        tiled = bool((span.tile > 0).any())
+        # An untiled image is a base grid and one newline; a tiled one has crop tokens, or, when
+        # unpadding leaves no canvas row (a very wide image), nothing after its base grid.
+        tiled = bool((span.tile > 0).any()) or int(span.tile[-1]) != -1
         canvas = self.canvas(torch.tensor([height, width]), tiled)
         if canvas.n_tokens != span.n_tokens or list(span.tile.tolist()) != canvas.tile:
             raise UnsupportedArchitectureError(
