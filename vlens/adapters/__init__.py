@@ -15,6 +15,7 @@ from vlens.adapters.idefics3 import Idefics3Adapter
 from vlens.adapters.llava import LlavaAdapter
 from vlens.adapters.llava_next import LlavaNextAdapter
 from vlens.adapters.llava_onevision import LlavaOnevisionAdapter
+from vlens.adapters.mistral3 import Mistral3Adapter
 from vlens.errors import UnsupportedArchitectureError
 
 ADAPTERS: tuple[type[VisionPrefixAdapter], ...] = (
@@ -25,6 +26,7 @@ ADAPTERS: tuple[type[VisionPrefixAdapter], ...] = (
     Blip2Adapter,
     InstructBlipAdapter,
     LlavaOnevisionAdapter,
+    Mistral3Adapter,
 )
 
 
