@@ -23,8 +23,8 @@ N_EXAMPLES = 4
 ALL = ["modality_similarity", "attention_to_image", "logit_lens", "token_count_curve"]
 
 
-# LLaVA, and the families whose token count depends on the image (anyres_max tiles).
-FAMILIES = ("llava", "llava_onevision")
+# LLaVA, and families whose token count depends on the image (anyres_max tiles; Pixtral's own sizes).
+FAMILIES = ("llava", "llava_onevision", "mistral3")
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
