@@ -91,16 +91,56 @@ def test_greedy_generate_equals_hf(tiny, photo2):
     assert_generate_matches_hf(model, reference, inputs, n=5)
 
 
-def test_the_opaque_vision_tower_fires_its_outer_hooks_only(tiny, photo):
-    """TransformerLens's Mistral3 bridge wraps the Pixtral tower whole (docs/models.md): its
-    input and output hooks fire, with the tower's own output, and there are no per-layer ones."""
+def test_pixtral_layer_hooks_fire_with_hfs_own_states(tiny, photo, photo2):
+    """TransformerLens leaves the Pixtral tower opaque; vlens maps its layers
+    (``vlens.adapters._pixtral_bridge``): each layer's residual stream equals HF's own
+    ``hidden_states`` of the tower, the patch convolution its conv output, for two images of
+    different sizes run as one sequence of patches."""
+    model, reference = tiny
+    inputs = model.prepare([photo, photo2], "[IMG] [IMG] " + PROMPT)
+    n_layers = model.hf_model.config.vision_config.num_hidden_layers
+    with torch.no_grad():
+        _, cache = model.run_with_cache(inputs, names_filter=lambda name: name.startswith("vision_encoder"))
+        tower = reference.model.vision_tower(
+            inputs.pixel_values, image_sizes=inputs.extras["image_sizes"], output_hidden_states=True
+        )
+        conv = reference.model.vision_tower.patch_conv(inputs.pixel_values)
+    assert len(tower.hidden_states) == n_layers + 1
+    n_patches = sum(int(h) // 7 * (int(w) // 7) for h, w in inputs.extras["image_sizes"])
+    assert cache["vision_encoder.encoder_layers.0.hook_resid_pre"].shape == (1, n_patches, 32)
+    for layer in range(n_layers):
+        assert torch.allclose(cache[f"vision_encoder.encoder_layers.{layer}.hook_resid_pre"], tower.hidden_states[layer])
+        assert torch.allclose(cache[f"vision_encoder.encoder_layers.{layer}.hook_resid_post"], tower.hidden_states[layer + 1])
+    assert torch.allclose(cache["vision_encoder.hook_out"], tower.last_hidden_state)
+    assert torch.allclose(cache["vision_encoder.patch_conv.hook_out"], conv)
+
+
+def test_an_edit_at_a_pixtral_hook_changes_the_output_as_in_hf(tiny, photo):
+    """Shifting layer 0's MLP output through vlens equals the same edit by a plain forward hook
+    on HF's own module, in the tower's output and in the logits: the hooks sit where the
+    tower computes, they are not copies."""
     model, reference = tiny
     inputs = model.prepare(photo, PROMPT)
+    seen = {}
+
+    def shift(tensor, hook=None):
+        return tensor + 1.0  # the random tiny MLP's own output is ~1e-3: a shift shows
+
+    def keep(tensor, hook=None):
+        seen["tower"] = tensor.detach().clone()
+
     with torch.no_grad():
-        _, cache = model.run_with_cache(inputs, names_filter=lambda name: name.startswith("vision"))
-        tower = reference.model.vision_tower(inputs.pixel_values, image_sizes=inputs.extras["image_sizes"])
-    assert sorted(k for k in cache.keys() if k.startswith("vision_encoder")) == [
-        "vision_encoder.hook_in", "vision_encoder.hook_out"
-    ]
-    assert torch.allclose(cache["vision_encoder.hook_out"], tower.last_hidden_state, atol=1e-6)
-    assert "vision_projector.hook_out" in cache.keys()
+        ours = model.run_with_hooks(inputs, fwd_hooks=[
+            ("vision_encoder.encoder_layers.0.hook_mlp_out", shift), ("vision_encoder.hook_out", keep),
+        ])
+        tower = reference.model.vision_tower
+        plain = tower(inputs.pixel_values, image_sizes=inputs.extras["image_sizes"]).last_hidden_state
+        handle = tower.transformer.layers[0].feed_forward.register_forward_hook(lambda _m, _a, out: out + 1.0)
+        try:
+            edited = tower(inputs.pixel_values, image_sizes=inputs.extras["image_sizes"]).last_hidden_state
+            theirs = reference(**inputs.model_kwargs()).logits
+        finally:
+            handle.remove()
+    assert float((seen["tower"] - edited).abs().max()) <= 1e-5
+    assert float((edited - plain).abs().max()) > 0.1  # the edit matters
+    assert float((ours - theirs).abs().max()) <= 1e-5

@@ -378,6 +378,12 @@ class VisionPrefixAdapter(ABC):
             module = child
         return hf_model
 
+    def tl_adapter_overlay(self, tl_adapter: Any) -> None:
+        """Edit the TransformerLens adapter of this model's bridge before the bridge is built
+        (``build_bridge_from_module``'s ``post_adapter_hook``), e.g. to map a vision tower
+        TransformerLens leaves opaque. Default: nothing. It edits that one adapter object,
+        never TransformerLens's registry."""
+
     def describe(self) -> dict[str, Any]:
         """A short summary for ``vlens info``."""
         return {"family": self.family, "image_token": self.image_token, "image_token_id": self.image_token_id}

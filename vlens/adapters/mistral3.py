@@ -15,9 +15,11 @@ tokens only, the markers are in its ``marker_mask`` (neither prefix nor instruct
 they are labelled like LLaVA-NeXT's newline tokens: ``<nl r>`` after grid row r (the
 ``[IMG_END]`` included, which ends the last row).
 
-TransformerLens's Mistral3 bridge wraps the Pixtral tower as one opaque component: only
-``vision_encoder.hook_in`` / ``hook_out`` fire on the vision side, no per-layer hooks (the
-connector's ``vision_projector.*`` hooks do fire). See docs/models.md.
+TransformerLens's Mistral3 bridge wraps the Pixtral tower as one opaque component; vlens maps
+its patch convolution, first norm and layers onto TransformerLens components
+(``vlens.adapters._pixtral_bridge``), so per-layer vision hooks fire (residual stream,
+attention and MLP outputs, norms); Pixtral's attention weights have no hook. See
+docs/models.md.
 
 Contract: a 1-D causal Mistral (Llama-style) language model with no per-token inputs. A
 token's box is its merged cell of the resized image mapped back through the resize.
@@ -97,6 +99,12 @@ class Mistral3Adapter(SequentialPositions, VisionPrefixAdapter):
                 f"{self.family}: the image processor sets do_center_crop=True; vlens maps token boxes for Pixtral's "
                 "resize without cropping"
             )
+
+    def tl_adapter_overlay(self, tl_adapter: Any) -> None:
+        # TransformerLens leaves the Pixtral tower opaque; map its layers so vision hooks fire.
+        from vlens.adapters._pixtral_bridge import overlay
+
+        overlay(tl_adapter)
 
     @property
     def cell(self) -> int:
