@@ -16,9 +16,9 @@ from typing import Optional
 
 import torch
 from transformers import (
-    MistralConfig,
     Mistral3Config,
     Mistral3ForConditionalGeneration,
+    MistralConfig,
     PixtralImageProcessorPil,
     PixtralVisionConfig,
 )

@@ -29,7 +29,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-
 from transformer_lens.model_bridge.generalized_components.base import GeneralizedComponent
 
 from vlens import _tl  # noqa: F401  (restores the transformers log level TL's import changes)
