@@ -124,3 +124,17 @@ def test_greedy_generate_equals_hf(tiny, photo2):
     model, reference = tiny
     inputs = model.prepare(photo2, "describe the image .")
     assert_generate_matches_hf(model, reference, inputs, n=5)
+
+
+def test_analyses_that_need_matching_tokens_refuse_rows_that_tile_differently(tiny, photo, photo2):
+    """A token order shared by every row is undefined when the rows' images became different
+    numbers of tokens: the error names the counts."""
+    from vlens import analysis as va
+    from vlens.errors import AnalysisInputError
+
+    model, _ = tiny
+    batch = model.prepare([photo, photo2], [PROMPT, "describe the image ."], answer=["a red circle .", "a cat"])
+    n0, n1 = (batch.layout.images[row][0].n_tokens for row in range(2))
+    assert n0 != n1
+    with pytest.raises(AnalysisInputError, match=rf"not a permutation of 0\.\.{n1 - 1} \(row 1 has {n1} image tokens\)"):
+        va.token_count_curve(model, batch, order=list(range(n0)))
