@@ -55,9 +55,10 @@ class VisionPrefixAdapter(ABC):
     fallback_template: ClassVar[str] = "{images}\n{prompt}"
     layout_needs_model: ClassVar[bool] = False
     video_processor_class: ClassVar[Optional[str]] = None
-    """The transformers processor class of a family whose processor holds a video processor
-    (which transformers builds only with torchvision); where torchvision cannot be imported,
-    vlens loads that class for images only (``vlens.adapters._processors``)."""
+    """The transformers processor class of a family whose processor transformers builds only
+    with torchvision (one holding a video processor, or one declared torchvision-only like
+    Pixtral's); where torchvision cannot be imported, vlens loads that class for images with
+    its image processor and tokenizer (``vlens.adapters._processors``)."""
     stage_prefixes: ClassVar[dict[str, tuple[str, ...]]] = {
         "vision": ("vision_encoder.",),
         "connector": ("vision_projector.",),
