@@ -67,6 +67,8 @@ FAMILIES = {
         "paligemma", "build_paligemma", "paligemma", {"gemma2": True}, reads_prompt=True, prompt_from_layer=1,
         per_token=("token_type_ids",),
     ),
+    "llava_onevision": Family("llava_onevision", "build_llava_onevision", "llava_onevision"),
+    "mistral3": Family("mistral3", "build_mistral3", "mistral3"),
 }
 
 

@@ -16,6 +16,8 @@ from tests.tiny.llava import build_llava
 from tests.tiny.llava_next import build_llava_next
 from tests.tiny.paligemma import build_paligemma
 from tests.tiny.smolvlm import build_smolvlm
+from tests.tiny.llava_onevision import build_llava_onevision
+from tests.tiny.mistral3 import build_mistral3
 
 FAMILY_BUILDERS: dict[str, Callable[[Path], Path]] = {
     "llava": build_llava,
@@ -26,4 +28,6 @@ FAMILY_BUILDERS: dict[str, Callable[[Path], Path]] = {
     "instructblip": build_instructblip,
     "paligemma": build_paligemma,
     "smolvlm": build_smolvlm,
+    "llava_onevision": build_llava_onevision,
+    "mistral3": build_mistral3,
 }
