@@ -142,3 +142,27 @@ def check_bad_inputs(model: HookedVLM, photo) -> None:
         model.prepare(photo, "what is in <|video_pad|> ?")
     with pytest.raises(PromptError, match="400x1 px"):
         model.prepare(PIL.Image.new("RGB", (400, 1)), PROMPT)
+
+
+def check_heatmap_lands_on_the_token_box(model: HookedVLM) -> None:
+    """On a resized non-square image, a value on one token colours exactly that token's box of
+    the input image (the boxes themselves are checked against the processor's pixels in
+    tests/unit/test_token_boxes.py)."""
+    import numpy as np
+
+    from vlens.viz import model_view_image, overlay
+
+    for image in (WIDE, make_photo(width=37, height=71, seed=2)):
+        inputs = model.prepare(image, PROMPT)
+        (span,) = inputs.layout.images[0]
+        view = model_view_image(inputs, model.processor)
+        assert view.size == image.size  # the grid covers the whole (resized) image
+        k = span.n_tokens // 2 + 1
+        values = torch.zeros(span.n_tokens)
+        values[k] = 1.0
+        px = np.asarray(overlay(span.to_grid(values), view, alpha=1.0, min_side=0), dtype=float)
+        hot = np.abs(px - px[int(span.boxes[k, 1] + span.boxes[k, 3]) // 2, int(span.boxes[k, 0] + span.boxes[k, 2]) // 2])
+        ys, xs = np.nonzero(hot.max(-1) < 1)
+        x0, y0, x1, y1 = span.boxes[k].tolist()
+        assert abs(xs.min() - x0) <= 1 and abs(xs.max() + 1 - x1) <= 1, (xs.min(), xs.max(), span.boxes[k])
+        assert abs(ys.min() - y0) <= 1 and abs(ys.max() + 1 - y1) <= 1, (ys.min(), ys.max(), span.boxes[k])

@@ -43,3 +43,7 @@ def test_language_model_alone_equals_hf(tiny, photo):
 
 def test_bad_inputs_are_refused(tiny, photo):
     checks.check_bad_inputs(tiny[0], photo)
+
+
+def test_heatmap_lands_on_the_token_box(tiny):
+    checks.check_heatmap_lands_on_the_token_box(tiny[0])
