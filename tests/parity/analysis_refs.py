@@ -34,6 +34,10 @@ class Family:
         per_token: Inputs the forward takes one per token (Gemma3's token types).
         adapter: The vlens family (``VisionPrefixAdapter.family``) the checkpoint is; the
             registry test ties this table to the adapter registry.
+        deepstack: Whether the text model adds DeepStack features at image positions after
+            its first layers (Qwen3-VL): the per-token inputs are then those features, which
+            the reference computes with its own vision tower, and its language model runs
+            as the text model plus the head (the whole model on ``inputs_embeds`` drops them).
     """
 
     module: str
@@ -43,6 +47,7 @@ class Family:
     lm_attr: Optional[str] = None
     reads_prompt: bool = False
     per_token: tuple[str, ...] = ()
+    deepstack: bool = False
 
 
 FAMILIES = {
@@ -55,6 +60,10 @@ FAMILIES = {
     "gemma3": Family("gemma3", "build_gemma3", "gemma3", per_token=("token_type_ids",)),
     "qwen2_vl": Family("qwen2_vl", "build_qwen2_vl", "qwen2_vl"),
     "qwen2_5_vl": Family("qwen2_vl", "build_qwen2_5_vl", "qwen2_5_vl"),
+    "qwen3_vl": Family(
+        "qwen2_vl", "build_qwen3_vl", "qwen3_vl", per_token=("visual_pos_masks", "deepstack_visual_embeds"),
+        deepstack=True,
+    ),
 }
 
 
@@ -251,8 +260,24 @@ def lm_logits(
     if positions.ndim == 3:  # [1, axes, n] -> Hugging Face's [axes, 1, n]
         positions = positions.permute(1, 0, 2)
     mask = torch.ones(embeds.shape[:2], dtype=torch.long)
+    if tiny.family.deepstack:
+        return deepstack_lm_logits(tiny, embeds, mask, positions, per_token or {})
     target = lm_target(tiny)
     return target(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, **(per_token or {})).logits
+
+
+def deepstack_lm_logits(
+    tiny: Tiny, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, per_token: dict
+) -> torch.Tensor:
+    """The reference's text model with the kept tokens' DeepStack features, then its head."""
+    visual = per_token["visual_pos_masks"].bool()
+    features = per_token["deepstack_visual_embeds"][visual]  # [n_visual, levels, d]
+    extra = {}
+    if bool(visual.any()):
+        extra = {"visual_pos_masks": visual, "deepstack_visual_embeds": list(features.unbind(1))}
+    text = tiny.reference.model.language_model
+    hidden = text(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, **extra).last_hidden_state
+    return tiny.reference.lm_head(hidden)
 
 
 def answer_ce(logits: torch.Tensor, ids: torch.Tensor, answer: torch.Tensor, kept: torch.Tensor) -> float:
@@ -263,7 +288,18 @@ def answer_ce(logits: torch.Tensor, ids: torch.Tensor, answer: torch.Tensor, kep
 
 
 def per_token_inputs(tiny: Tiny, inputs: VLMInputs) -> dict:
-    return {name: inputs.extras[name] for name in tiny.family.per_token}
+    """The per-token inputs of row 0..: the processor's (``inputs.extras``), or for a DeepStack
+    family the reference vision tower's DeepStack features scattered to the image positions."""
+    if not tiny.family.deepstack:
+        return {name: inputs.extras[name] for name in tiny.family.per_token}
+    kwargs = inputs.model_kwargs()
+    with torch.no_grad():
+        out = tiny.reference.model.get_image_features(kwargs["pixel_values"], kwargs["image_grid_thw"], return_dict=True)
+    levels = [torch.cat(list(level), dim=0) for level in out.deepstack_features]
+    visual = inputs.input_ids == image_token_id(tiny.reference)
+    stacked = torch.zeros(*visual.shape, len(levels), levels[0].shape[-1])
+    stacked[visual] = torch.stack(levels, dim=1)
+    return {"visual_pos_masks": visual, "deepstack_visual_embeds": stacked}
 
 
 def reduced_loss(

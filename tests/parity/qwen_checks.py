@@ -127,13 +127,15 @@ def check_language_model_alone(model: HookedVLM, reference: torch.nn.Module, pho
         expected = reference(**inputs.model_kwargs()).logits
         model(model.prepare(WIDE, "describe the image ."))  # caches other rope_deltas
         lm = model.input_embeddings(inputs)
-        logits, _ = model.run_language_model(lm.embeds, lm.position_ids, attention_mask=lm.attention_mask)
+        logits, _ = model.run_language_model(
+            lm.embeds, lm.position_ids, attention_mask=lm.attention_mask, extras=lm.extras
+        )
     assert max_diff(logits, expected) <= TOL
     # Everything kept: the count curve's full loss is Hugging Face's own forward's.
     answer = inputs.layout.answer_mask[0].nonzero().flatten()
     ce = float(torch.nn.functional.cross_entropy(expected[0, answer - 1], inputs.input_ids[0, answer]))
     curve = va.token_count_curve(model, inputs, counts=[0, 8])
-    assert curve.engine == "kv"
+    assert curve.engine == ("naive" if model.adapter.per_token_inputs else "kv")  # DeepStack: per-token inputs
     assert abs(float(curve.full_loss[0]) - ce) <= TOL
 
 
@@ -166,3 +168,41 @@ def check_heatmap_lands_on_the_token_box(model: HookedVLM) -> None:
         x0, y0, x1, y1 = span.boxes[k].tolist()
         assert abs(xs.min() - x0) <= 1 and abs(xs.max() + 1 - x1) <= 1, (xs.min(), xs.max(), span.boxes[k])
         assert abs(ys.min() - y0) <= 1 and abs(ys.max() + 1 - y1) <= 1, (ys.min(), ys.max(), span.boxes[k])
+
+
+def check_deepstack(model: HookedVLM, reference: torch.nn.Module, photo) -> None:
+    """Qwen3-VL's DeepStack, against Hugging Face's own vision tower and forward.
+
+    The layer axis is the decoder layers' outputs (``blocks.{l}.hook_resid_post`` = HF's
+    ``hidden_states[l + 1]``, checked in check_equals_hf); the stream the next layer reads,
+    ``blocks.{l+1}.hook_resid_pre``, is that plus DeepStack feature l at the image positions.
+    """
+    inputs = model.prepare(photo, PROMPT, answer="a red circle .")
+    kwargs = inputs.model_kwargs()
+    levels = len(model.hf_model.config.vision_config.deepstack_visual_indexes)
+    assert 0 < levels < model.n_layers
+    with torch.no_grad():
+        features = reference.model.get_image_features(kwargs["pixel_values"], kwargs["image_grid_thw"], return_dict=True)
+        features = [torch.cat(list(level)) for level in features.deepstack_features]
+        _, cache = model.run_with_cache(inputs, names_filter=["blocks.*.hook_resid_post", "blocks.*.hook_resid_pre"])
+        expected = reference(**kwargs).logits
+        dropped = reference(inputs_embeds=model.input_embeddings(inputs).embeds, attention_mask=kwargs["attention_mask"],
+                            position_ids=rope_index(reference, inputs).permute(1, 0, 2)).logits
+    image = inputs.layout.image_mask[0]
+    for layer in range(model.n_layers - 1):
+        added = cache[f"blocks.{layer + 1}.hook_resid_pre"][0] - cache[f"blocks.{layer}.hook_resid_post"][0]
+        want = torch.zeros_like(added)
+        if layer < levels:
+            want[image] = features[layer]
+        assert max_diff(added, want) <= TOL, f"layer {layer}"
+    # Hugging Face's whole model on input embeddings silently drops DeepStack; vlens's language
+    # model on them keeps it (and refuses to run without the features).
+    assert max_diff(dropped, expected) > 1e-3
+    lm = model.input_embeddings(inputs)
+    with torch.no_grad():
+        logits, _ = model.run_language_model(lm.embeds, lm.position_ids, lm.attention_mask, extras=lm.extras)
+    assert max_diff(logits, expected) <= TOL
+    with pytest.raises(ValueError, match="DeepStack"):
+        model.run_language_model(lm.embeds, lm.position_ids, lm.attention_mask)
+    lens = va.logit_lens(model, cache, positions="image", k=1)
+    assert lens.top_ids.shape[1] == model.n_layers + 1

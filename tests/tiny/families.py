@@ -14,7 +14,7 @@ from tests.tiny.gemma3 import build_gemma3
 from tests.tiny.idefics3 import build_idefics3
 from tests.tiny.llava import build_llava
 from tests.tiny.llava_next import build_llava_next
-from tests.tiny.qwen2_vl import build_qwen2_5_vl, build_qwen2_vl
+from tests.tiny.qwen2_vl import build_qwen2_5_vl, build_qwen2_vl, build_qwen3_vl
 
 FAMILY_BUILDERS: dict[str, Callable[[Path], Path]] = {
     "llava": build_llava,
@@ -25,4 +25,5 @@ FAMILY_BUILDERS: dict[str, Callable[[Path], Path]] = {
     "instructblip": build_instructblip,
     "qwen2_vl": build_qwen2_vl,
     "qwen2_5_vl": build_qwen2_5_vl,
+    "qwen3_vl": build_qwen3_vl,
 }

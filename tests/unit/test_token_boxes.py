@@ -17,7 +17,7 @@ from tests.tiny.gemma3 import build_gemma3
 from tests.tiny.idefics3 import build_idefics3
 from tests.tiny.llava import build_llava
 from tests.tiny.llava_next import build_llava_next
-from tests.tiny.qwen2_vl import build_qwen2_5_vl, build_qwen2_vl
+from tests.tiny.qwen2_vl import build_qwen2_5_vl, build_qwen2_vl, build_qwen3_vl
 from vlens.adapters import adapter_for
 from vlens.adapters._geometry import grid_boxes
 from vlens.data import make_scenes
@@ -26,6 +26,7 @@ from vlens.prepare import prepare_batch
 from vlens.viz import model_view_image
 
 PROMPT = "what is in the image ?"
+QWEN = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 BUILDERS = {
     "llava": lambda path: build_llava(path),
     "llava_next": lambda path: build_llava_next(path, save_model=False),
@@ -34,6 +35,7 @@ BUILDERS = {
     "blip2": lambda path: build_blip2(path),
     "qwen2_vl": lambda path: build_qwen2_vl(path, save_model=False),
     "qwen2_5_vl": lambda path: build_qwen2_5_vl(path, save_model=False),
+    "qwen3_vl": lambda path: build_qwen3_vl(path, save_model=False),
 }
 
 
@@ -117,7 +119,7 @@ def test_boxes_agree_with_the_processors_own_pixels(grid_adapter, size):
             if tile > 0:
                 canvas = adapter.canvas(torch.tensor([height, width]))
                 r, c = (v % g for v in canvas.canvas_rc[k])
-        elif adapter.family in ("qwen2_vl", "qwen2_5_vl"):
+        elif adapter.family in QWEN:
             # Flat patches, merge x merge of them per token in raster order of the tokens, each
             # (channel, frame, y, x): the token's pixels are its patches' pixels.
             m, p = adapter.merge, vision.patch_size
@@ -128,7 +130,7 @@ def test_boxes_agree_with_the_processors_own_pixels(grid_adapter, size):
         else:  # idefics3: the crops in order, then the global image (tile 0)
             n_sub = len(span.tile_grids)
             sub, cell = pixels[n_sub - 1 if tile == 0 else tile - 1], vision.patch_size * adapter.config.scale_factor
-        if adapter.family not in ("qwen2_vl", "qwen2_5_vl"):
+        if adapter.family not in QWEN:
             patch = sub[:, r * cell : (r + 1) * cell, c * cell : (c + 1) * cell]
         if bool((patch.abs() < 0.5).all(0).any()):  # padding of a tile canvas
             continue
@@ -184,6 +186,7 @@ def test_scene_geometry_by_hand(adapter):
         # 4 px patches merged 2 x 2 (8 px cells); at most 64 x 64 px unresized: 8 x 8 tokens.
         "qwen2_vl": (64, 8, (8, 8)),
         "qwen2_5_vl": (64, 8, (8, 8)),
+        "qwen3_vl": (64, 8, (8, 8)),
     }[adapter.family]
     g = adapter.scene_geometry()
     assert (g.image_size, g.patch_size, g.token_grid) == expected
