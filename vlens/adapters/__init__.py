@@ -14,7 +14,8 @@ from vlens.adapters.gemma3 import Gemma3Adapter
 from vlens.adapters.idefics3 import Idefics3Adapter
 from vlens.adapters.llava import LlavaAdapter
 from vlens.adapters.llava_next import LlavaNextAdapter
-from vlens.adapters.qwen2_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter, Qwen3VLAdapter
+from vlens.adapters.qwen2_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter
+from vlens.adapters.qwen3_vl import Qwen3VLAdapter
 from vlens.errors import UnsupportedArchitectureError
 
 ADAPTERS: tuple[type[VisionPrefixAdapter], ...] = (LlavaAdapter, LlavaNextAdapter, Idefics3Adapter, Gemma3Adapter, Blip2Adapter, InstructBlipAdapter, Qwen2VLAdapter, Qwen2_5_VLAdapter, Qwen3VLAdapter)
