@@ -2,7 +2,7 @@
 
 A medium random Qwen2-VL (the text tower of benchmarks/overhead.py's medium model: d_model
 512, 8 layers, 8 heads, FFN 1408, vocab 32000, here with Qwen2's q/k/v biases and 3-D
-M-RoPE; a 6-layer, 256-wide ViT with 14 px patches merged 2 x 2) reads a 672 x 672 image:
+M-RoPE; a 4-layer, 128-wide ViT with 14 px patches merged 2 x 2) reads a 672 x 672 image:
 48 x 48 patches, 24 x 24 = 576 visual tokens after the merge, after LLaVA-1.5's system
 prompt, with the question and answer after them. In one process, after a warm-up:
 
@@ -13,6 +13,9 @@ prompt, with the question and answer after them. In one process, after a warm-up
    docs/analyses.md states), logits at every position. Target: >= 5x, losses equal to 1e-4.
 2. ``HookedVLM.forward`` against the Hugging Face eager forward of the same inputs (median
    of interleaved runs). Target: <= 1.05x.
+
+Wall time is what the targets are about; the CPU time of this process is printed beside it
+because it is far less disturbed by other work on a shared machine.
 
 Usage: python -m benchmarks.qwen_token_count [--threads 2] [--step 8] [--runs 7] [--model-dir DIR]
 """
@@ -69,7 +72,7 @@ def build_medium_qwen2_vl(out: Path, seed: int = 0) -> Path:
             rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [8, 12, 12]},
             pad_token_id=0, bos_token_id=1, eos_token_id=2,
         ),
-        vision_config=dict(depth=6, embed_dim=256, hidden_size=512, num_heads=4, mlp_ratio=4, patch_size=14,
+        vision_config=dict(depth=4, embed_dim=128, hidden_size=512, num_heads=4, mlp_ratio=4, patch_size=14,
                            spatial_merge_size=2, temporal_patch_size=2),
         image_token_id=vocab["<|image_pad|>"], video_token_id=vocab["<|video_pad|>"],
         vision_start_token_id=vocab["<|vision_start|>"], vision_end_token_id=vocab["<|vision_end|>"],
@@ -144,32 +147,36 @@ def main() -> None:
     with torch.inference_mode():
         va.token_count_curve(model, inputs, counts=[0, n_img // 2, n_img], engine="kv")  # warm-up
         hf_loss(n_img // 2)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         curve = va.token_count_curve(model, inputs, counts=counts, engine="kv", batch_size=args.batch_size)
-        kv = time.perf_counter() - start
-        start = time.perf_counter()
+        kv, kv_cpu = time.perf_counter() - start, time.process_time() - cpu
+        start, cpu = time.perf_counter(), time.process_time()
         hf = torch.stack([hf_loss(k) for k in counts])
-        loop = time.perf_counter() - start
+        loop, loop_cpu = time.perf_counter() - start, time.process_time() - cpu
 
         modes = {"hf_eager_forward": lambda: baseline(**kwargs).logits, "vlens_forward": lambda: model(inputs)}
         times: dict[str, list[float]] = {name: [] for name in modes}
+        cpus: dict[str, list[float]] = {name: [] for name in modes}
         for fn in modes.values():
             fn()
         for _ in range(args.runs):
             for name, fn in modes.items():
-                start = time.perf_counter()
+                start, cpu = time.perf_counter(), time.process_time()
                 fn()
                 times[name].append(time.perf_counter() - start)
+                cpus[name].append(time.process_time() - cpu)
         same = float((model(inputs) - baseline(**kwargs).logits).abs().max())
 
     if curve.engine != "kv":
         raise SystemExit(f"the kv engine did not run ({curve.engine_reason}); its timing is not a measurement of it")
     diff = float((curve.loss[0] - hf).abs().max())
-    print(f"token_count_curve kv {kv:7.2f} s; plain HF loop {loop:7.2f} s")
-    print(f"speed-up hf_loop/kv: {loop / kv:.2f}x (target >= 5x); max |loss_kv - loss_hf| = {diff:.2e} (<= 1e-4)")
+    print(f"token_count_curve kv {kv:7.2f} s ({kv_cpu:.2f} s cpu); plain HF loop {loop:7.2f} s ({loop_cpu:.2f} s cpu)")
+    print(f"speed-up hf_loop/kv: {loop / kv:.2f}x wall, {loop_cpu / kv_cpu:.2f}x cpu (target >= 5x); "
+          f"max |loss_kv - loss_hf| = {diff:.2e} (<= 1e-4)")
     base, ours = statistics.median(times["hf_eager_forward"]), statistics.median(times["vlens_forward"])
-    print(f"forward: HF {base * 1e3:.1f} ms, HookedVLM {ours * 1e3:.1f} ms: {ours / base:.3f}x (target <= 1.05x); "
-          f"max |logits diff| = {same:.1e}")
+    base_cpu, ours_cpu = statistics.median(cpus["hf_eager_forward"]), statistics.median(cpus["vlens_forward"])
+    print(f"forward: HF {base * 1e3:.1f} ms, HookedVLM {ours * 1e3:.1f} ms: {ours / base:.3f}x wall, "
+          f"{ours_cpu / base_cpu:.3f}x cpu (target <= 1.05x); max |logits diff| = {same:.1e}")
 
 
 if __name__ == "__main__":
