@@ -14,11 +14,25 @@ from vlens.adapters.gemma3 import Gemma3Adapter
 from vlens.adapters.idefics3 import Idefics3Adapter
 from vlens.adapters.llava import LlavaAdapter
 from vlens.adapters.llava_next import LlavaNextAdapter
+from vlens.adapters.llava_onevision import LlavaOnevisionAdapter
+from vlens.adapters.mistral3 import Mistral3Adapter
 from vlens.adapters.qwen2_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter
 from vlens.adapters.qwen3_vl import Qwen3VLAdapter
 from vlens.errors import UnsupportedArchitectureError
 
-ADAPTERS: tuple[type[VisionPrefixAdapter], ...] = (LlavaAdapter, LlavaNextAdapter, Idefics3Adapter, Gemma3Adapter, Blip2Adapter, InstructBlipAdapter, Qwen2VLAdapter, Qwen2_5_VLAdapter, Qwen3VLAdapter)
+ADAPTERS: tuple[type[VisionPrefixAdapter], ...] = (
+    LlavaAdapter,
+    LlavaNextAdapter,
+    Idefics3Adapter,
+    Gemma3Adapter,
+    Blip2Adapter,
+    InstructBlipAdapter,
+    LlavaOnevisionAdapter,
+    Mistral3Adapter,
+    Qwen2VLAdapter,
+    Qwen2_5_VLAdapter,
+    Qwen3VLAdapter,
+)
 
 
 def supported_architectures() -> dict[str, type[VisionPrefixAdapter]]:
