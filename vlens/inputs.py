@@ -84,7 +84,7 @@ class LanguageModelInputs:
             or ``[batch, axes, pos]`` for a multi-axis rotary family. Padding positions hold
             whatever the model gave them.
         attention_mask: 1 at real tokens, 0 at padding.
-        extras: The family's per-token inputs (``adapter.per_token_inputs``), ``[batch, pos]``
+        extras: The family's per-token inputs (``adapter.per_token_inputs``), ``[batch, pos, ...]``
             each, on the embeddings' device.
     """
 

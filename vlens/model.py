@@ -414,7 +414,7 @@ class HookedVLM:
         adapter = self.adapter
         module = adapter.language_model(self.hf_model)
         source = adapter.positions_source(self.hf_model)
-        captured: dict[str, Tensor] = {}
+        captured: dict[str, Any] = {}
 
         def grab_embeds(_module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
             embeds = kwargs.get("inputs_embeds")
@@ -424,6 +424,7 @@ class HookedVLM:
                     "adapter must override language_model() to name the module that receives them"
                 )
             captured["embeds"] = embeds.detach()
+            captured["call"] = kwargs
 
         def grab_positions(_module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
             captured["positions"] = adapter.read_positions(args, kwargs, inputs.batch_size).detach()
@@ -451,7 +452,10 @@ class HookedVLM:
             embeds=embeds,
             position_ids=captured["positions"].to(embeds.device),
             attention_mask=inputs.attention_mask.to(embeds.device),
-            extras={name: inputs.extras[name].to(embeds.device) for name in adapter.per_token_inputs},
+            extras={
+                name: value.detach().to(embeds.device)
+                for name, value in adapter.per_token_values(captured["call"], inputs.extras).items()
+            },
         )
 
     def run_language_model(

@@ -38,6 +38,10 @@ class Family:
         per_token: Inputs the forward takes one per token (Gemma3's token types).
         adapter: The vlens family (``VisionPrefixAdapter.family``) the checkpoint is; the
             registry test ties this table to the adapter registry.
+        deepstack: Whether the text model adds DeepStack features at image positions after
+            its first layers (Qwen3-VL): the per-token inputs are then those features, which
+            the reference computes with its own vision tower, and its language model runs
+            as the text model plus the head (the whole model on ``inputs_embeds`` drops them).
     """
 
     module: str
@@ -48,6 +52,7 @@ class Family:
     reads_prompt: bool = False
     prompt_from_layer: int = 0
     per_token: tuple[str, ...] = ()
+    deepstack: bool = False
 
 
 FAMILIES = {
@@ -69,6 +74,12 @@ FAMILIES = {
     ),
     "llava_onevision": Family("llava_onevision", "build_llava_onevision", "llava_onevision"),
     "mistral3": Family("mistral3", "build_mistral3", "mistral3"),
+    "qwen2_vl": Family("qwen2_vl", "build_qwen2_vl", "qwen2_vl"),
+    "qwen2_5_vl": Family("qwen2_vl", "build_qwen2_5_vl", "qwen2_5_vl"),
+    "qwen3_vl": Family(
+        "qwen2_vl", "build_qwen3_vl", "qwen3_vl", per_token=("visual_pos_masks", "deepstack_visual_embeds"),
+        deepstack=True,
+    ),
 }
 
 
@@ -194,29 +205,52 @@ def _positions_reaching_layer_0(tiny: Tiny, run: Callable[[], Any]) -> torch.Ten
     return captured["p"]
 
 
+def _rope_index_owner(tiny: Tiny) -> Optional[torch.nn.Module]:
+    """The reference module with ``get_rope_index`` (M-RoPE families), None for the others."""
+    return next((m for m in (getattr(tiny.reference, "model", None), tiny.reference) if hasattr(m, "get_rope_index")), None)
+
+
 def full_positions(tiny: Tiny, inputs: VLMInputs) -> torch.Tensor:
-    """The positions the reference's own forward gives the batch's tokens, ``[batch, pos]``."""
+    """The positions the reference's own forward gives the batch's tokens: ``[batch, pos]``, or
+    ``[batch, 3, pos]`` from Hugging Face's ``get_rope_index`` for an M-RoPE family (its decoder
+    layers receive no positions; the model computes them there)."""
+    owner = _rope_index_owner(tiny)
+    if owner is not None:
+        kwargs = inputs.model_kwargs()
+        with torch.no_grad():
+            positions, _ = owner.get_rope_index(
+                kwargs["input_ids"], kwargs["mm_token_type_ids"], kwargs.get("image_grid_thw"),
+                attention_mask=kwargs["attention_mask"],
+            )
+        return positions.permute(1, 0, 2)
     positions = _positions_reaching_layer_0(tiny, lambda: tiny.reference(**inputs.model_kwargs()))
     return positions.expand(inputs.batch_size, -1)
 
 
-def reduced_positions(tiny: Tiny, embeds: torch.Tensor, per_token: Optional[dict] = None) -> torch.Tensor:
+def reduced_positions(
+    tiny: Tiny,
+    embeds: torch.Tensor,
+    per_token: Optional[dict] = None,
+    inputs: Optional[VLMInputs] = None,
+    kept: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """The positions Hugging Face gives a sequence of these embeddings ``[1, n, d]``: the
     shortened sequence of a token-removal variant, numbered as the processor's own shorter
     sequence would be.
 
-    A family whose reference computes its positions with ``get_rope_index`` (multi-axis
-    rotary positions from the image grids) has no such rule here yet: the reference refuses
-    rather than guess one. For every other family the reference asks the model itself: it
-    runs the language model on the embeddings without position ids and reads the ones its
-    forward computed (for the 1-D families that is HF's default, ``arange`` of the reduced
-    length after the cache, or OPT's cumulative attention mask minus one, which is what
-    their processors' shorter sequence gets).
+    A family whose reference computes its positions with ``get_rope_index`` (M-RoPE: (t, h, w)
+    positions from the image grids) numbers a shortened sequence by the definition in
+    docs/analyses.md: each kept token keeps the position ``get_rope_index`` gives it in the
+    full row (``inputs``, row 0; ``kept``: its kept positions), ``[1, 3, n]``. For every other
+    family the reference asks the model itself: it runs the language model on the embeddings
+    without position ids and reads the ones its forward computed (for the 1-D families that is
+    HF's default, ``arange`` of the reduced length after the cache, or OPT's cumulative
+    attention mask minus one, which is what their processors' shorter sequence gets).
     """
-    if any(hasattr(m, "get_rope_index") for m in (tiny.reference, getattr(tiny.reference, "model", None))):
-        raise NotImplementedError(
-            f"{tiny.name}: positions come from get_rope_index; add the reference rule for a shortened sequence"
-        )
+    if _rope_index_owner(tiny) is not None:
+        if inputs is None or kept is None:
+            raise TypeError(f"{tiny.name}: M-RoPE positions of a shortened row need its inputs and kept positions")
+        return full_positions(tiny, inputs)[:1, :, kept]
     mask = torch.ones(embeds.shape[:2], dtype=torch.long)
     return _positions_reaching_layer_0(
         tiny, lambda: lm_target(tiny)(inputs_embeds=embeds, attention_mask=mask, **(per_token or {}))
@@ -224,16 +258,42 @@ def reduced_positions(tiny: Tiny, embeds: torch.Tensor, per_token: Optional[dict
 
 
 def lm_logits(
-    tiny: Tiny, embeds: torch.Tensor, per_token: Optional[dict] = None, positions: Optional[torch.Tensor] = None
+    tiny: Tiny,
+    embeds: torch.Tensor,
+    per_token: Optional[dict] = None,
+    positions: Optional[torch.Tensor] = None,
+    inputs: Optional[VLMInputs] = None,
+    kept: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Logits of a plain full forward of the reference's language model on ``embeds`` [1, n, d]
     (with the family's per-token inputs for those positions) at ``positions``, by default the
-    ones the reference computes for them (:func:`reduced_positions`)."""
+    ones the reference computes for them (:func:`reduced_positions`; an M-RoPE family's need
+    the row's ``inputs`` and ``kept`` positions, default all)."""
     if positions is None:
-        positions = reduced_positions(tiny, embeds, per_token)
+        if inputs is not None and kept is None:
+            kept = torch.arange(embeds.shape[1])
+        positions = reduced_positions(tiny, embeds, per_token, inputs, kept)
+    if positions.ndim == 3:  # [1, axes, n] -> Hugging Face's [axes, 1, n]
+        positions = positions.permute(1, 0, 2)
     mask = torch.ones(embeds.shape[:2], dtype=torch.long)
+    if tiny.family.deepstack:
+        return deepstack_lm_logits(tiny, embeds, mask, positions, per_token or {})
     target = lm_target(tiny)
     return target(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, **(per_token or {})).logits
+
+
+def deepstack_lm_logits(
+    tiny: Tiny, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, per_token: dict
+) -> torch.Tensor:
+    """The reference's text model with the kept tokens' DeepStack features, then its head."""
+    visual = per_token["visual_pos_masks"].bool()
+    features = per_token["deepstack_visual_embeds"][visual]  # [n_visual, levels, d]
+    extra = {}
+    if bool(visual.any()):
+        extra = {"visual_pos_masks": visual, "deepstack_visual_embeds": list(features.unbind(1))}
+    text = tiny.reference.model.language_model
+    hidden = text(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, **extra).last_hidden_state
+    return tiny.reference.lm_head(hidden)
 
 
 def answer_ce(logits: torch.Tensor, ids: torch.Tensor, answer: torch.Tensor, kept: torch.Tensor) -> float:
@@ -244,16 +304,36 @@ def answer_ce(logits: torch.Tensor, ids: torch.Tensor, answer: torch.Tensor, kep
 
 
 def per_token_inputs(tiny: Tiny, inputs: VLMInputs) -> dict:
-    return {name: inputs.extras[name] for name in tiny.family.per_token}
+    """The per-token inputs of row 0..: the processor's (``inputs.extras``), or for a DeepStack
+    family the reference vision tower's DeepStack features scattered to the image positions."""
+    if not tiny.family.deepstack:
+        return {name: inputs.extras[name] for name in tiny.family.per_token}
+    kwargs = inputs.model_kwargs()
+    with torch.no_grad():
+        out = tiny.reference.model.get_image_features(kwargs["pixel_values"], kwargs["image_grid_thw"], return_dict=True)
+    levels = [torch.cat(list(level), dim=0) for level in out.deepstack_features]
+    visual = inputs.input_ids == image_token_id(tiny.reference)
+    stacked = torch.zeros(*visual.shape, len(levels), levels[0].shape[-1])
+    stacked[visual] = torch.stack(levels, dim=1)
+    return {"visual_pos_masks": visual, "deepstack_visual_embeds": stacked}
 
 
 def reduced_loss(
-    tiny: Tiny, embeds: torch.Tensor, ids: torch.Tensor, answer: torch.Tensor, removed: set, per_token: dict
+    tiny: Tiny,
+    embeds: torch.Tensor,
+    ids: torch.Tensor,
+    answer: torch.Tensor,
+    removed: set,
+    per_token: dict,
+    inputs: Optional[VLMInputs] = None,
 ) -> float:
-    """The answer loss with the positions in ``removed`` taken out of the sequence."""
+    """The answer loss with the positions in ``removed`` taken out of the sequence (``inputs``:
+    the row, which an M-RoPE family's positions are read from)."""
     kept = torch.tensor([p for p in range(embeds.shape[1]) if p not in removed])
     with torch.no_grad():
-        logits = lm_logits(tiny, embeds[:, kept], {k: v[:, kept] for k, v in per_token.items()})
+        logits = lm_logits(
+            tiny, embeds[:, kept], {k: v[:, kept] for k, v in per_token.items()}, inputs=inputs, kept=kept
+        )
     return answer_ce(logits, ids, answer, kept)
 
 

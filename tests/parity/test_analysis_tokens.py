@@ -53,7 +53,7 @@ def test_token_count_curve_equals_hf_loop(tiny, case, order):
     if order == "raster":
         assert torch.equal(ranked, img)
     expected = torch.tensor(
-        [ref.reduced_loss(tiny, embeds, ids, answer, set(ranked[k:].tolist()), per_token) for k in counts]
+        [ref.reduced_loss(tiny, embeds, ids, answer, set(ranked[k:].tolist()), per_token, inputs) for k in counts]
     )
     assert kv.loss.shape == (1, len(counts))  # a batch of one keeps its batch axis
     assert (kv.row(0).loss - expected).abs().max() <= TOL, (kv.loss, expected)
@@ -68,10 +68,10 @@ def test_token_drop_contributions_equal_hf_loop(tiny, case):
     assert drop.engine == ("naive" if tiny.family.per_token else "kv") and naive.engine == "naive"
     assert torch.equal(drop.image_positions, img)
     assert (drop.delta_loss - naive.delta_loss).abs().max() <= TOL
-    full = ref.reduced_loss(tiny, embeds, ids, answer, set(), per_token)
+    full = ref.reduced_loss(tiny, embeds, ids, answer, set(), per_token, inputs)
     assert abs(float(drop.full_loss) - full) <= TOL
     for i in spread(img.numel() - 1):
-        expected = ref.reduced_loss(tiny, embeds, ids, answer, {int(img[i])}, per_token) - full
+        expected = ref.reduced_loss(tiny, embeds, ids, answer, {int(img[i])}, per_token, inputs) - full
         assert abs(float(drop.delta_loss[i]) - expected) <= TOL, f"token {i}"
 
 
@@ -79,7 +79,7 @@ def test_gradient_contributions_equal_hf_autograd(tiny, case):
     inputs, embeds, ids, answer, img, per_token = case
     grad_result = va.token_contributions(tiny.model, inputs, estimator="gradient").row(0)
     leaf = embeds.clone().requires_grad_(True)
-    logits = ref.lm_logits(tiny, leaf, per_token)
+    logits = ref.lm_logits(tiny, leaf, per_token, inputs=inputs)
     loss = torch.nn.functional.cross_entropy(logits[0, answer - 1].float(), ids[answer])
     (grad,) = torch.autograd.grad(loss, leaf)
     expected = (grad[0, img] * (0 - embeds[0, img])).sum(-1)

@@ -27,13 +27,15 @@ def test_input_embeddings_carry_the_models_own_positions(tiny, photo, photo2):
     lm = tiny.model.input_embeddings(inputs)
     assert max_diff(lm.embeds, ref.merged_embeddings(tiny.reference, inputs)) <= TOL
     hf_positions = ref.full_positions(tiny, inputs)
-    assert lm.position_ids.shape == hf_positions.shape == inputs.input_ids.shape
+    assert lm.position_ids.shape == hf_positions.shape  # [batch, pos], or [batch, axes, pos] (M-RoPE)
+    assert hf_positions.shape[0] == inputs.batch_size and hf_positions.shape[-1] == inputs.input_ids.shape[1]
     real = inputs.attention_mask.bool()
-    assert torch.equal(lm.position_ids[real], hf_positions[real])
+    assert torch.equal(lm.position_ids.movedim(-1, 1)[real], hf_positions.movedim(-1, 1)[real])
     assert torch.equal(lm.attention_mask, inputs.attention_mask)
     assert sorted(lm.extras) == sorted(tiny.family.per_token)
+    expected = ref.per_token_inputs(tiny, inputs)
     for name, value in lm.extras.items():
-        assert torch.equal(value, inputs.extras[name])
+        assert max_diff(value, expected[name]) <= TOL, name
 
 
 def test_positions_after_removal_equal_hfs_own_numbering(tiny, photo):
@@ -49,7 +51,7 @@ def test_positions_after_removal_equal_hfs_own_numbering(tiny, photo):
         keep[removed] = False
         ours = tiny.model.adapter.positions_after_removal(lm.position_ids[0, ..., :n], keep)
         kept_per_token = {k: v[:, :n][:, keep] for k, v in per_token.items()}
-        theirs = ref.reduced_positions(tiny, embeds[:, :n][:, keep], kept_per_token)
+        theirs = ref.reduced_positions(tiny, embeds[:, :n][:, keep], kept_per_token, inputs, keep.nonzero().flatten())
         assert torch.equal(ours, theirs[0]), label
         # The kv engine's suffix from the first removed position c on continues HF's numbering.
         c = int(removed[0])

@@ -18,6 +18,7 @@ from tests.tiny.paligemma import build_paligemma
 from tests.tiny.smolvlm import build_smolvlm
 from tests.tiny.llava_onevision import build_llava_onevision
 from tests.tiny.mistral3 import build_mistral3
+from tests.tiny.qwen2_vl import build_qwen2_5_vl, build_qwen2_vl, build_qwen3_vl
 
 FAMILY_BUILDERS: dict[str, Callable[[Path], Path]] = {
     "llava": build_llava,
@@ -30,4 +31,7 @@ FAMILY_BUILDERS: dict[str, Callable[[Path], Path]] = {
     "smolvlm": build_smolvlm,
     "llava_onevision": build_llava_onevision,
     "mistral3": build_mistral3,
+    "qwen2_vl": build_qwen2_vl,
+    "qwen2_5_vl": build_qwen2_5_vl,
+    "qwen3_vl": build_qwen3_vl,
 }

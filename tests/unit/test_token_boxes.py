@@ -17,6 +17,7 @@ from tests.tiny.gemma3 import build_gemma3
 from tests.tiny.idefics3 import build_idefics3
 from tests.tiny.llava import build_llava
 from tests.tiny.llava_next import build_llava_next
+from tests.tiny.qwen2_vl import build_qwen2_5_vl, build_qwen2_vl, build_qwen3_vl
 from vlens.adapters import adapter_for
 from vlens.adapters._geometry import grid_boxes
 from vlens.data import make_scenes
@@ -25,19 +26,24 @@ from vlens.prepare import prepare_batch
 from vlens.viz import model_view_image
 
 PROMPT = "what is in the image ?"
+QWEN = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 BUILDERS = {
     "llava": lambda path: build_llava(path),
     "llava_next": lambda path: build_llava_next(path, save_model=False),
     "gemma3": lambda path: build_gemma3(path, save_model=False),
     "idefics3": lambda path: build_idefics3(path, save_model=False),
     "blip2": lambda path: build_blip2(path),
+    "qwen2_vl": lambda path: build_qwen2_vl(path, save_model=False),
+    "qwen2_5_vl": lambda path: build_qwen2_5_vl(path, save_model=False),
+    "qwen3_vl": lambda path: build_qwen3_vl(path, save_model=False),
 }
 
 
 def build_adapter(family, tmp_path_factory):
     path = BUILDERS[family](tmp_path_factory.mktemp(family))
     config = load_config(str(path))
-    return adapter_for(config)(config, load_processor(str(path)))
+    cls = adapter_for(config)
+    return cls(config, load_processor(str(path), cls.video_processor_class))
 
 
 @pytest.fixture(scope="module", params=list(BUILDERS))
@@ -95,7 +101,7 @@ def test_boxes_agree_with_the_processors_own_pixels(grid_adapter, size):
     span = inputs.layout.images[0][0]
     ip = adapter.processor.image_processor
     mean, std = torch.tensor(ip.image_mean).view(3, 1, 1), torch.tensor(ip.image_std).view(3, 1, 1)
-    pixels = (inputs.pixel_values[0].float() * std + mean) / ip.rescale_factor  # undo normalisation
+    pixels = (inputs.pixel_values[0].float() * std + mean) / ip.rescale_factor if inputs.pixel_values.ndim > 2 else None
     vision = adapter.config.vision_config
     checked = 0
     for k in range(span.n_tokens):
@@ -113,10 +119,19 @@ def test_boxes_agree_with_the_processors_own_pixels(grid_adapter, size):
             if tile > 0:
                 canvas = adapter.canvas(torch.tensor([height, width]))
                 r, c = (v % g for v in canvas.canvas_rc[k])
+        elif adapter.family in QWEN:
+            # Flat patches, merge x merge of them per token in raster order of the tokens, each
+            # (channel, frame, y, x): the token's pixels are its patches' pixels.
+            m, p = adapter.merge, vision.patch_size
+            flat = inputs.pixel_values[k * m * m : (k + 1) * m * m].float().view(m * m, 3, -1, p, p)
+            patch = (flat * std.view(1, 3, 1, 1, 1) + mean.view(1, 3, 1, 1, 1)) / ip.rescale_factor
+            patch = patch.permute(1, 0, 2, 3, 4).reshape(3, -1, p)
+            assert span.grid == tuple(int(v) // m for v in inputs.extras["image_grid_thw"][0, 1:])
         else:  # idefics3: the crops in order, then the global image (tile 0)
             n_sub = len(span.tile_grids)
             sub, cell = pixels[n_sub - 1 if tile == 0 else tile - 1], vision.patch_size * adapter.config.scale_factor
-        patch = sub[:, r * cell : (r + 1) * cell, c * cell : (c + 1) * cell]
+        if adapter.family not in QWEN:
+            patch = sub[:, r * cell : (r + 1) * cell, c * cell : (c + 1) * cell]
         if bool((patch.abs() < 0.5).all(0).any()):  # padding of a tile canvas
             continue
         seen_x, seen_y = float(patch[0].mean()) * width / 255, float(patch[1].mean()) * height / 255
@@ -168,6 +183,10 @@ def test_scene_geometry_by_hand(adapter):
         "gemma3": (56, 14, (4, 4)),
         "idefics3": (56, 14, (4, 4)),
         "blip2": (28, 7, None),
+        # 4 px patches merged 2 x 2 (8 px cells); at most 64 x 64 px unresized: 8 x 8 tokens.
+        "qwen2_vl": (64, 8, (8, 8)),
+        "qwen2_5_vl": (64, 8, (8, 8)),
+        "qwen3_vl": (64, 8, (8, 8)),
     }[adapter.family]
     g = adapter.scene_geometry()
     assert (g.image_size, g.patch_size, g.token_grid) == expected

@@ -263,6 +263,19 @@ class VisionPrefixAdapter(ABC):
     types that make an image's tokens attend to each other. Analyses that remove tokens keep
     the entries of the kept positions and pass them to :meth:`run_language_model`."""
 
+    def per_token_values(self, call_kwargs: dict[str, Any], extras: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The values of :attr:`per_token_inputs` in one forward pass, ``[batch, pos, ...]`` each.
+
+        Args:
+            call_kwargs: The keyword arguments the language model (:meth:`language_model`) was
+                called with in that forward pass.
+            extras: The batch's ``VLMInputs.extras``.
+
+        Default: the extras of those names. A family whose per-token inputs are computed inside
+        the forward (Qwen3-VL's DeepStack features) reads them from the call instead.
+        """
+        return {name: extras[name] for name in self.per_token_inputs}
+
     causal_over_image = Unstated[bool](
         "whether each language-model state depends only on earlier positions, image tokens included"
     )
