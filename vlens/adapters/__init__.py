@@ -17,9 +17,9 @@ from vlens.adapters.llava_next import LlavaNextAdapter
 from vlens.adapters.llava_onevision import LlavaOnevisionAdapter
 from vlens.adapters.mistral3 import Mistral3Adapter
 from vlens.adapters.paligemma import PaliGemmaAdapter
-from vlens.adapters.smolvlm import SmolVLMAdapter
 from vlens.adapters.qwen2_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter
 from vlens.adapters.qwen3_vl import Qwen3VLAdapter
+from vlens.adapters.smolvlm import SmolVLMAdapter
 from vlens.errors import UnsupportedArchitectureError
 
 ADAPTERS: tuple[type[VisionPrefixAdapter], ...] = (
