@@ -15,7 +15,7 @@ activations has one reduction, which its cache form and its stream (``Similarity
 ``AttentionStream``, ``LensStream``; see :mod:`vlens.analysis.streaming`) share.
 """
 
-from vlens.analysis import attention, dependence, knockout, lens, similarity, streaming, tokens
+from vlens.analysis import attention, dependence, knockout, lens, pruning, similarity, streaming, tokens
 from vlens.analysis.attention import (
     AttentionResult,
     AttentionStats,
@@ -26,6 +26,7 @@ from vlens.analysis.attention import (
 )
 from vlens.analysis.dependence import PromptDependenceResult, prompt_dependence
 from vlens.analysis.lens import LensResult, LensStats, LensStream, logit_lens
+from vlens.analysis.pruning import PruningResult, prune_visual_tokens
 from vlens.analysis.similarity import SimilarityResult, SimilarityStream, modality_similarity
 from vlens.analysis.streaming import CurveStats, Stream, run_streams
 from vlens.analysis.tokens import ContributionResult, CountCurveResult, token_contributions, token_count_curve
@@ -41,6 +42,7 @@ __all__ = [
     "LensStats",
     "LensStream",
     "PromptDependenceResult",
+    "PruningResult",
     "SimilarityResult",
     "SimilarityStream",
     "SinkTokens",
@@ -54,6 +56,8 @@ __all__ = [
     "logit_lens",
     "modality_similarity",
     "prompt_dependence",
+    "prune_visual_tokens",
+    "pruning",
     "run_streams",
     "similarity",
     "streaming",

@@ -25,11 +25,12 @@ token for token: greedy decoding emits answer token i exactly when it emitted to
 token i is the argmax given them, so this is the argmax of the teacher-forced logits at every
 answer position (the ranking reads only the prompt, so it is the same during generation).
 
-FLOPs (:func:`forward_flops`) are counted from the config for the blocks only (embedding, final
-norm and head are the same with and without pruning): per block on n tokens,
-``2 n d (2 h d_h + 2 h_kv d_h) + 4 n^2 h d_h + 2 g n d m`` with d = d_model, h and h_kv the query
-and key/value heads of size d_h, m the MLP width and g = 3 for a gated MLP, 2 otherwise (every
-score of the n x n matrix counted, as a dense kernel computes it). ``flops_ratio`` is
+FLOPs (:func:`forward_flops`) are counted for the blocks only (embedding, final norm and head are
+the same with and without pruning): per block on n tokens, ``2 n P + 4 n^2 h d_h`` with P the
+block's weight-matrix entries (for a Llama block ``d (2 h d_h + 2 h_kv d_h) + 3 d m``: query and
+output, key and value of h_kv heads, a gated MLP of width m; OPT's MLP has 2 matrices) and
+``4 n^2 h d_h`` the scores and the weighted sum of h heads of size d_h (every entry of the n x n
+matrix counted, as a dense kernel computes it). ``flops_ratio`` is
 ``(K F(n) + (L - K) F(n')) / (L F(n))`` with n' the kept length.
 
 It is defined the same way in every family. In one not causal over the image (Gemma3, whose
@@ -127,21 +128,28 @@ class PruningResult(BatchedResult):
         return frame
 
 
-def block_flops(cfg: Any, n: int) -> float:
-    """FLOPs of one language-model block on ``n`` tokens (module doc), from a TransformerLens config."""
-    d, h, d_head = int(cfg.d_model), int(cfg.n_heads), int(cfg.d_head)
-    h_kv = int(getattr(cfg, "n_key_value_heads", None) or h)
-    m = int(cfg.d_mlp)
-    g = 3 if getattr(cfg, "gated_mlp", False) else 2
-    projections = 2 * n * d * (2 * h * d_head + 2 * h_kv * d_head)
-    scores = 4 * n * n * h * d_head
-    return float(projections + scores + 2 * g * n * d * m)
+def block_flops(model: "HookedVLM", n: int, block: int = 0) -> float:
+    """FLOPs of one language-model block on ``n`` tokens (module doc).
+
+    The matrix products are read off the block's own weights (every ``nn.Linear`` in it acts
+    on every token: ``2 n`` FLOPs per weight), the attention scores off the config (``n_heads``,
+    ``d_head``): TransformerLens's config states no MLP width for OPT (it assumes 4 d_model,
+    which BLIP-2's tiny test checkpoints do not have), and the weights cannot misstate it.
+    """
+    cfg = model.cfg
+    if getattr(cfg, "num_experts", None):
+        raise AnalysisInputError("FLOPs of mixture-of-experts blocks are not counted: not every expert sees every token")
+    seen: dict[int, int] = {}
+    for module in model.bridge.blocks[block].modules():
+        if isinstance(module, torch.nn.Linear):
+            seen.setdefault(id(module), module.in_features * module.out_features)
+    scores = 4 * n * n * int(cfg.n_heads) * int(cfg.d_head)
+    return float(2 * n * sum(seen.values()) + scores)
 
 
-def forward_flops(cfg: Any, n: int, layer: int, n_kept: int) -> float:
+def forward_flops(model: "HookedVLM", n: int, layer: int, n_kept: int) -> float:
     """FLOPs of the blocks when the first ``layer`` see ``n`` tokens and the rest ``n_kept``."""
-    n_layers = int(cfg.n_layers)
-    return layer * block_flops(cfg, n) + (n_layers - layer) * block_flops(cfg, n_kept)
+    return sum(block_flops(model, n if b < layer else n_kept, b) for b in range(model.n_layers))
 
 
 def kept_count(keep: float, n: int) -> int:
@@ -308,7 +316,7 @@ def _prune_row(
     for j, k in enumerate(ks):
         for i, n_keep in enumerate(counts.tolist()):
             n_short = length - (n_img - n_keep)
-            flops[j, i] = forward_flops(model.cfg, length, k, n_short) / forward_flops(model.cfg, length, k, length)
+            flops[j, i] = forward_flops(model, length, k, n_short) / forward_flops(model, length, k, length)
             if k == model.n_layers or n_keep == n_img:
                 loss[:, j, i], exact[:, j, i] = full_loss, full_exact  # nothing is pruned
                 continue
