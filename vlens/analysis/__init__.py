@@ -15,7 +15,7 @@ activations has one reduction, which its cache form and its stream (``Similarity
 ``AttentionStream``, ``LensStream``; see :mod:`vlens.analysis.streaming`) share.
 """
 
-from vlens.analysis import attention, dependence, knockout, lens, pruning, similarity, streaming, tokens
+from vlens.analysis import attention, contextual, dependence, knockout, lens, pruning, similarity, streaming, tokens
 from vlens.analysis.attention import (
     AttentionResult,
     AttentionStats,
@@ -24,6 +24,7 @@ from vlens.analysis.attention import (
     attention_to_image,
     find_sink_tokens,
 )
+from vlens.analysis.contextual import ContextualLensResult, contextual_lens
 from vlens.analysis.dependence import PromptDependenceResult, prompt_dependence
 from vlens.analysis.lens import LensResult, LensStats, LensStream, logit_lens
 from vlens.analysis.pruning import PruningResult, prune_visual_tokens
@@ -36,6 +37,7 @@ __all__ = [
     "AttentionStats",
     "AttentionStream",
     "ContributionResult",
+    "ContextualLensResult",
     "CountCurveResult",
     "CurveStats",
     "LensResult",
@@ -49,6 +51,8 @@ __all__ = [
     "Stream",
     "attention",
     "attention_to_image",
+    "contextual",
+    "contextual_lens",
     "dependence",
     "find_sink_tokens",
     "knockout",

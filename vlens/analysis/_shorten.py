@@ -11,7 +11,7 @@ the same rows (and, for the mask, columns) of each per-token argument. Every lat
 computes exactly what it would compute for the shorter sequence, each token keeping the position
 the model gave it in the full one (its rotary angles, its learned position embedding added before
 layer 0) and the mask entries the model built for it: causal among the kept tokens, and for a
-family whose image tokens attend to each other (Gemma3's token types) still bidirectional among
+family whose image tokens attend to each other (through per-token inputs) still bidirectional among
 the kept image tokens, sliding windows measured in the full sequence's positions.
 
 TransformerLens's own ``start_at_layer`` does not do this: it runs the earlier blocks anyway and

@@ -27,14 +27,14 @@ answer position (the ranking reads only the prompt, so it is the same during gen
 
 FLOPs (:func:`forward_flops`) are counted for the blocks only (embedding, final norm and head are
 the same with and without pruning): per block on n tokens, ``2 n P + 4 n^2 h d_h`` with P the
-block's weight-matrix entries (for a Llama block ``d (2 h d_h + 2 h_kv d_h) + 3 d m``: query and
-output, key and value of h_kv heads, a gated MLP of width m; OPT's MLP has 2 matrices) and
+block's weight-matrix entries (for a rotary block with a gated MLP ``d (2 h d_h + 2 h_kv d_h) + 3 d m``:
+query and output, key and value of h_kv heads, three MLP matrices of width m; an ungated MLP has 2) and
 ``4 n^2 h d_h`` the scores and the weighted sum of h heads of size d_h (every entry of the n x n
 matrix counted, as a dense kernel computes it). ``flops_ratio`` is
 ``(K F(n) + (L - K) F(n')) / (L F(n))`` with n' the kept length.
 
-It is defined the same way in every family. In one not causal over the image (Gemma3, whose
-image tokens attend to each other) the kept image tokens still attend to each other after K,
+It is defined the same way in every family. In one not causal over the image (whose
+image tokens attend to each other, ``adapter.causal_over_image`` False) the kept image tokens still attend to each other after K,
 and the dropped ones no longer reach them. What differs there is only that the states of blocks
 < K of *every* image token, not only of later ones, were computed with the dropped tokens present.
 """
@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Sequence, Union
 
 import pandas as pd
 import torch
@@ -133,8 +133,8 @@ def block_flops(model: "HookedVLM", n: int, block: int = 0) -> float:
 
     The matrix products are read off the block's own weights (every ``nn.Linear`` in it acts
     on every token: ``2 n`` FLOPs per weight), the attention scores off the config (``n_heads``,
-    ``d_head``): TransformerLens's config states no MLP width for OPT (it assumes 4 d_model,
-    which BLIP-2's tiny test checkpoints do not have), and the weights cannot misstate it.
+    ``d_head``): TransformerLens's config does not read every family's MLP width (for some it
+    assumes 4 d_model, which a checkpoint need not have), and the weights cannot misstate it.
     """
     cfg = model.cfg
     if getattr(cfg, "num_experts", None):
@@ -157,9 +157,11 @@ def kept_count(keep: float, n: int) -> int:
     return int(math.floor(keep * n + 0.5))
 
 
-def _check_grid(model: "HookedVLM", layers: Sequence[int], keep: Sequence[float]) -> tuple[list[int], list[float]]:
+def _check_grid(
+    model: "HookedVLM", layers: Union[int, Sequence[int]], keep: Union[float, Sequence[float]]
+) -> tuple[list[int], list[float]]:
     n_layers = model.n_layers
-    ks = [int(k) for k in layers] if not isinstance(layers, int) else [layers]
+    ks = [int(layers)] if isinstance(layers, int) else [int(k) for k in layers]
     bad = [k for k in ks if not 0 <= k <= n_layers]
     if not ks or bad:
         raise AnalysisInputError(f"layers {bad or ks} are out of range; K runs 0..{n_layers} (blocks before K see every token)")
@@ -210,7 +212,7 @@ def prune_visual_tokens(
     """
     ks, fractions = _check_grid(model, layers, keep)
     names = _ranking_names(rankings)
-    ranking_list = [rankings] if isinstance(rankings, (str, Tensor)) else list(rankings)
+    ranking_list: list[Ranking] = [rankings] if isinstance(rankings, (str, Tensor)) else list(rankings)
     if "attention" in names and 0 in ks:
         raise AnalysisInputError("the 'attention' ranking reads block K-1's attention, so K = 0 has none; use K >= 1")
     problems = row_problems(model, inputs, "prune_visual_tokens")
