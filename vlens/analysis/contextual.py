@@ -298,3 +298,11 @@ def contextual_lens(
         label_ids=label_ids,
         match_rate=match,
     )
+
+
+def scene_captions(n: int = 200, seed: int = 7) -> list[str]:
+    """A default bank: the captions of the first ``n`` training-split generated scenes of stream
+    ``seed`` (``vlens.data.make_scenes``), the language of the synthetic scenes' prompts."""
+    from vlens.data import make_scenes
+
+    return [scene.caption for scene in make_scenes(n, seed=seed, split="train", image_size=16, patch_size=8)]
