@@ -9,7 +9,8 @@ from click.testing import CliRunner
 
 from vlens.cli import main
 
-COMMANDS = ["report", "info", "lens", "similarity", "attention", "count-curve", "contributions", "sweep", "convert",
+COMMANDS = ["report", "info", "lens", "similarity", "attention", "count-curve", "contributions", "prune",
+            "contextual-lens", "sweep", "convert",
             "convert minigpt4"]
 
 
