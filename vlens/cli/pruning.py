@@ -36,6 +36,7 @@ def float_list(ctx: click.Context, param: click.Parameter, value: Optional[str])
 
 
 def name_list(ctx: click.Context, param: click.Parameter, value: str) -> list[str]:
+    """Click callback: ``"attention,random"`` -> ``["attention", "random"]`` (checked by the analysis)."""
     return [v for v in value.replace(" ", "").split(",") if v]
 
 

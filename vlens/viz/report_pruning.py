@@ -31,6 +31,7 @@ def report_layers(n_layers: int) -> list[int]:
 
 @_guarded("pruning", "Visual-token pruning (FastV)")
 def pruning_section(ctx: "_Context") -> Section:
+    """Loss, exact match and FLOPs over keep fractions at K = 2 and the middle layer, two rankings."""
     result = va.prune_visual_tokens(ctx.model, ctx.inputs, layers=report_layers(ctx.model.n_layers),
                                     keep=REPORT_KEEP, rankings=("attention", "random"))
     body = figure_block(
@@ -47,6 +48,7 @@ def pruning_section(ctx: "_Context") -> Section:
 
 @_guarded("contextual_lens", "Contextual lens on visual tokens")
 def contextual_lens_section(ctx: "_Context") -> Section:
+    """The contextual lens over a bank of generated captions, beside the logit lens's match rate."""
     model = ctx.model
     contexts = va.contextual.scene_captions(BANK_SIZE)
     with torch.no_grad():
