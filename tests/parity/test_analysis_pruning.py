@@ -215,3 +215,62 @@ def test_bad_arguments_name_the_value(tiny, case, photo):
         va.prune_visual_tokens(model, inputs, layers=[0], rankings=["attention"])
     with pytest.raises(AnalysisInputError, match="not a permutation"):
         va.prune_visual_tokens(model, inputs, rankings=[[0, 0, 1]])
+
+
+def _pruned_greedy(tiny, prompt_inputs, k, dropped, n_new):
+    """A plain no-cache greedy loop of the reference whose layers k.. never see ``dropped``
+    (hidden from every query, which equals dropping them, as tested above)."""
+    layers = ref.decoder_layers(tiny.reference, tiny.model.n_layers)
+    kwargs = prompt_inputs.model_kwargs()
+    ids = kwargs.pop("input_ids")
+    per_token = {name: v for name, v in kwargs.items() if torch.is_tensor(v) and v.shape == ids.shape}
+    fixed = {name: v for name, v in kwargs.items() if name not in per_token}
+    new = []
+    for _ in range(n_new):
+        hidden = torch.zeros(ids.shape[1], dtype=torch.bool)
+        hidden[list(dropped)] = True
+
+        def hide(_m, args, kw, hidden=hidden):
+            m = kw["attention_mask"]
+            kw["attention_mask"] = (m & ~hidden) if m.dtype == torch.bool else m.masked_fill(hidden, torch.finfo(m.dtype).min)
+            return args, kw
+
+        handles = [layers[j].register_forward_pre_hook(hide, with_kwargs=True) for j in range(k, len(layers))]
+        try:
+            with torch.no_grad():
+                logits = tiny.reference(input_ids=ids, **per_token, **fixed, use_cache=False).logits
+        finally:
+            for h in handles:
+                h.remove()
+        token = logits[:, -1].argmax(-1, keepdim=True)
+        new.append(int(token))
+        ids = torch.cat([ids, token], 1)
+        per_token = {name: torch.cat([v, torch.ones_like(v[:, :1]) if name == "attention_mask" else v[:, -1:]], 1)
+                     for name, v in per_token.items()}
+    return new
+
+
+def test_exact_match_is_what_pruned_greedy_decoding_gives(tiny, photo):
+    """The answer is the unpruned model's own greedy continuation, so the unpruned exact match
+    holds; pruned, exact match says whether a real greedy loop under pruning reproduces it."""
+    from tests.parity.helpers import greedy_without_cache
+
+    model = tiny.model
+    prompt = model.prepare(photo, PROMPT)
+    n_new = 3
+    continuation = greedy_without_cache(tiny.reference, prompt.model_kwargs(), n_new)
+    answer_text = model.tokenizer.decode(continuation, skip_special_tokens=False)
+    inputs = model.prepare(photo, PROMPT, answer=answer_text)
+    answer = inputs.layout.answer_mask[0].nonzero().flatten()
+    if not torch.equal(inputs.input_ids[0, answer], continuation):
+        pytest.skip(f"{tiny.name}: the greedy continuation {continuation.tolist()} does not re-tokenize to itself")
+    result = va.prune_visual_tokens(model, inputs, layers=[1, 2], keep=[0.0, 0.5, 1.0], rankings=["attention", "random"])
+    assert bool(result.full_exact[0])
+    print(f"\n{tiny.name}: exact match under pruning {result.exact[0].flatten().tolist()}")
+    for r in range(2):
+        for j, k in enumerate([1, 2]):
+            for i in range(3):
+                n_keep = int(result.kept[0, i])
+                dropped = set(result.row(0).order[r, j, n_keep:].tolist())
+                greedy = _pruned_greedy(tiny, prompt, k, dropped, n_new)
+                assert bool(result.exact[0, r, j, i]) == (greedy == continuation.tolist()), (r, k, n_keep, greedy)
