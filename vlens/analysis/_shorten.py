@@ -43,6 +43,7 @@ def _take(t: Tensor, axes: Sequence[int], index: Tensor) -> Tensor:
     ``t``'s batch axis (0) has 1 entry (broadcast to every variant) or one per variant.
     """
     variants = index.shape[0]
+    index = index.to(t.device)  # under a device_map the layers live on several devices
     if t.shape[0] not in (1, variants):
         raise UnsupportedArchitectureError(
             f"a layer argument of shape {tuple(t.shape)} has a batch axis of {t.shape[0]}, not 1 or {variants}"
