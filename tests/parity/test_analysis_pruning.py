@@ -274,3 +274,24 @@ def test_exact_match_is_what_pruned_greedy_decoding_gives(tiny, photo):
                 dropped = set(result.row(0).order[r, j, n_keep:].tolist())
                 greedy = _pruned_greedy(tiny, prompt, k, dropped, n_new)
                 assert bool(result.exact[0, r, j, i]) == (greedy == continuation.tolist()), (r, k, n_keep, greedy)
+
+
+def test_the_shortening_hooks_keeping_every_token_change_nothing(tiny, case):
+    """The mechanism itself, not the keep = 100% shortcut: blocks >= k run through the hooks on
+    every position (two identical variants) and give the unpruned forward's logits."""
+    from vlens.analysis._shorten import shortened_after
+    from vlens.analysis.knockout import row_problems
+
+    inputs = case[0]
+    (problem,) = row_problems(tiny.model, inputs, "test")
+    n = problem.ids.shape[0]
+    ones = torch.ones(1, n, dtype=torch.long)
+    extras = {name: v[None] for name, v in problem.extras.items()} or None
+    with torch.no_grad():
+        full, _ = tiny.model.run_language_model(problem.embeds[None], problem.positions[None], attention_mask=ones,
+                                                extras=extras)
+        for k in (0, 1, tiny.model.n_layers - 1):
+            with shortened_after(list(tiny.model.bridge.blocks), k, torch.arange(n).expand(2, n), n):
+                both, _ = tiny.model.run_language_model(problem.embeds[None], problem.positions[None],
+                                                        attention_mask=ones, extras=extras)
+            assert both.shape[0] == 2 and (both - full).abs().max() <= TOL, k
