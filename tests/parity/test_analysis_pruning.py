@@ -120,8 +120,12 @@ def test_attention_pruning_equals_the_shortened_sequence_by_hand(tiny, case, k):
     n_img, length = img.numel(), ids.numel()
     query = int(answer[0]) - 1
     keep = [0.25, 0.5]
-    result = va.prune_visual_tokens(tiny.model, inputs, layers=[k], keep=keep, rankings=["attention", "random"])
+    reversed_order = list(range(n_img))[::-1]
+    result = va.prune_visual_tokens(tiny.model, inputs, layers=[k], keep=keep,
+                                    rankings=["attention", "random", reversed_order])
+    assert result.rankings == ("attention", "random", "given")
     row = result.row(0)
+    assert torch.equal(row.order[2, 0], img.flip(0))
     received = out.attentions[k - 1][0, :, query, img].float().mean(0)
     expected_order = img[torch.sort(-received, stable=True).indices]
     assert torch.equal(row.order[0, 0], expected_order)
@@ -130,7 +134,7 @@ def test_attention_pruning_equals_the_shortened_sequence_by_hand(tiny, case, k):
     for i, fraction in enumerate(keep):
         n_keep = int(fraction * n_img + 0.5)
         assert int(row.kept[i]) == n_keep
-        for r in range(2):
+        for r in range(3):
             dropped = set(row.order[r, 0, n_keep:].tolist())
             kept = torch.tensor([p for p in range(length) if p not in dropped])
             rows = torch.tensor([kept.tolist().index(int(t)) - 1 for t in answer])
@@ -215,6 +219,8 @@ def test_bad_arguments_name_the_value(tiny, case, photo):
         va.prune_visual_tokens(model, inputs, layers=[0], rankings=["attention"])
     with pytest.raises(AnalysisInputError, match="not a permutation"):
         va.prune_visual_tokens(model, inputs, rankings=[[0, 0, 1]])
+    with pytest.raises(AnalysisInputError, match=r"rankings=\[order\]"):
+        va.prune_visual_tokens(model, inputs, rankings=[2, 0, 1])
 
 
 def _pruned_greedy(tiny, prompt_inputs, k, dropped, n_new):

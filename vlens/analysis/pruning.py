@@ -176,6 +176,11 @@ def _ranking_names(rankings: Sequence[Ranking]) -> list[str]:
     if isinstance(rankings, (str, Tensor)):
         rankings = [rankings]
     names: list[str] = []
+    if any(isinstance(r, int) for r in rankings):
+        raise AnalysisInputError(
+            f"rankings {list(rankings)[:8]} holds bare ints; a given order is one entry: rankings=[order] "
+            "(a permutation of 0..n_img-1), beside names such as 'attention'"
+        )
     for i, r in enumerate(rankings):
         if isinstance(r, str):
             if r not in RANKINGS:
