@@ -36,14 +36,16 @@ BANKS = (32, 128)
 CHUNK = 16
 
 
-def best_of(fn, repeats: int) -> float:
-    """The best wall time of ``repeats`` calls of ``fn``."""
-    times = []
+def best_of(fns: dict, repeats: int) -> dict[str, float]:
+    """The best wall time of each function over ``repeats`` rounds, the functions interleaved
+    within a round so that a shared machine's load drifts over all of them alike."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: min(t) for name, t in times.items()}
 
 
 def pruning(args) -> None:
@@ -80,7 +82,7 @@ def pruning(args) -> None:
     with torch.inference_mode():
         for fn in (hf, unpruned, pruned):
             fn()  # warm-up
-        times = {name: best_of(fn, args.repeats) for name, fn in (("hf", hf), ("unpruned", unpruned), ("pruned", pruned))}
+        times = best_of({"hf": hf, "unpruned": unpruned, "pruned": pruned}, args.repeats)
         result = va.prune_visual_tokens(model, inputs, layers=[2], keep=[0.5], rankings=["random"])
         start = time.perf_counter()
         grid = va.prune_visual_tokens(model, inputs, layers=[1, 2, 4], keep=[0.25, 0.5, 0.75], rankings=["attention", "random"])
