@@ -53,6 +53,8 @@ FAMILIES = {
     "blip2": Family("blip", "build_blip2", "blip2", lm_attr="language_model"),
     "instructblip": Family("blip", "build_instructblip", "instructblip", lm_attr="language_model", reads_prompt=True),
     "gemma3": Family("gemma3", "build_gemma3", "gemma3", per_token=("token_type_ids",)),
+    "llava_onevision": Family("llava_onevision", "build_llava_onevision", "llava_onevision"),
+    "mistral3": Family("mistral3", "build_mistral3", "mistral3"),
 }
 
 

@@ -55,9 +55,10 @@ class VisionPrefixAdapter(ABC):
     fallback_template: ClassVar[str] = "{images}\n{prompt}"
     layout_needs_model: ClassVar[bool] = False
     video_processor_class: ClassVar[Optional[str]] = None
-    """The transformers processor class of a family whose processor holds a video processor
-    (which transformers builds only with torchvision); where torchvision cannot be imported,
-    vlens loads that class for images only (``vlens.adapters._processors``)."""
+    """The transformers processor class of a family whose processor transformers builds only
+    with torchvision (one holding a video processor, or one declared torchvision-only like
+    Pixtral's); where torchvision cannot be imported, vlens loads that class for images with
+    its image processor and tokenizer (``vlens.adapters._processors``)."""
     stage_prefixes: ClassVar[dict[str, tuple[str, ...]]] = {
         "vision": ("vision_encoder.",),
         "connector": ("vision_projector.",),
@@ -377,6 +378,12 @@ class VisionPrefixAdapter(ABC):
                 return child
             module = child
         return hf_model
+
+    def tl_adapter_overlay(self, tl_adapter: Any) -> None:
+        """Edit the TransformerLens adapter of this model's bridge before the bridge is built
+        (``build_bridge_from_module``'s ``post_adapter_hook``), e.g. to map a vision tower
+        TransformerLens leaves opaque. Default: nothing. It edits that one adapter object,
+        never TransformerLens's registry."""
 
     def describe(self) -> dict[str, Any]:
         """A short summary for ``vlens info``."""
