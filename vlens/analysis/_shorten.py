@@ -68,6 +68,12 @@ def _shorten_argument(name: str, value: Any, index: Tensor, full_length: int) ->
         return value
     if name in _TOKEN_AXES:
         axes = _TOKEN_AXES[name]
+        if name == "position_ids" and isinstance(value, Tensor) and value.ndim != 2:
+            # Multi-axis rotary positions ([axes, batch, pos]) put the batch second: not this layout.
+            raise UnsupportedArchitectureError(
+                f"a decoder layer received position_ids of shape {tuple(value.shape)}, not [batch, pos]; "
+                "vlens cannot yet drop tokens inside a language model with multi-axis positions"
+            )
         if isinstance(value, Tensor):
             return _take(value, axes, index)
         if isinstance(value, (tuple, list)) and all(isinstance(v, Tensor) for v in value):
