@@ -202,3 +202,20 @@ def finish(written: list[Path]) -> None:
     for path in written:
         print(f"wrote {path}")
     sys.stdout.flush()
+
+
+def random_weights_toy(folder: Path) -> HookedVLM:
+    """The random-weights control: the toy's architecture and processor before any training
+    (``vlens.zoo.config.build_model`` after ``torch.manual_seed(0)``), saved to ``folder`` and
+    loaded from it the way every checkpoint is."""
+    import torch
+
+    from vlens.zoo.config import Architecture, build_model
+    from vlens.zoo.processor import build_processor
+
+    torch.manual_seed(0)
+    arch = Architecture()
+    processor = build_processor(arch.image_size, arch.patch_size)
+    build_model(arch, processor).save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return HookedVLM.from_pretrained(folder, device="cpu")

@@ -18,11 +18,13 @@ import pytest
 
 from examples import _common as common
 from examples import attention_to_image as attention_ex
+from examples import contextual_lens_visual_tokens as contextual_ex
 from examples import logit_lens_visual_tokens as lens_ex
 from examples import prompt_dependence as dependence_ex
 from examples import token_contributions as contributions_ex
 from examples import visual_text_similarity as similarity_ex
 from examples import visual_token_count as count_ex
+from examples import visual_token_pruning as pruning_ex
 from vlens import HookedVLM
 
 # VLENS_TOY_CHECKPOINT: run these tests on a candidate toy checkpoint (a folder written by
@@ -171,6 +173,25 @@ def test_qformer_visual_states_depend_on_the_prompt(tmp_path) -> None:
     assert curves.dependent, curves.to_frame().to_string()
 
 
+# ---- visual-token pruning (FastV) --------------------------------------------------------
+
+
+def test_fastv_pruning_at_layer_2_keeps_the_answer(toy, scenes) -> None:
+    finding = pruning_ex.measure(toy, scenes, layers=(pruning_ex.LAYER,), keep=(pruning_ex.KEEP,))  # the tested cell
+    assert finding.exact.shape == (N_SCENES, 2, 1, 1)
+    assert np.isfinite(finding.loss).all() and (finding.flops_ratio <= 1).all()
+    assert finding.reproduced, pruning_ex.describe(finding)
+
+
+# ---- contextual lens vs logit lens ----------------------------------------------------------
+
+
+def test_contextual_lens_reads_object_patches_more_often_than_the_logit_lens(toy, scenes) -> None:
+    finding = contextual_ex.measure(toy, scenes)
+    assert finding.per_scene_contextual.shape == (N_SCENES, toy.n_layers + 1)
+    assert finding.reproduced, contextual_ex.describe(finding)
+
+
 # ---- plumbing, with or without the toy checkpoint ----------------------------------------
 
 
@@ -187,6 +208,8 @@ def test_every_example_runs_on_a_tiny_random_llava(llava_model) -> None:
     assert count_ex.measure(model, scenes).raster.shape == (2, 7)
     assert contributions_ex.measure(model, scenes).gradient.shape == (2, 16)
     assert dependence_ex.measure(model, scenes).independent
+    assert pruning_ex.measure(model, scenes, layers=(1, 2)).exact.shape == (2, 2, 2, len(pruning_ex.KEEPS))
+    assert contextual_ex.measure(model, scenes, n_permutations=20, bank_size=20).hit_logit.shape == (n + 1,)
 
 
 def test_every_recipe_prints_its_verdict_and_writes_its_files(llava_dir, tmp_path, capsys) -> None:
@@ -200,6 +223,8 @@ def test_every_recipe_prints_its_verdict_and_writes_its_files(llava_dir, tmp_pat
         contributions_ex: ["token_contributions.csv", "contributions_map_drop.png",
                            "contributions_map_gradient.png", "contributions_scatter.png"],
         dependence_ex: ["prompt_dependence.csv", "prompt_dependence.png"],
+        pruning_ex: ["pruning.csv", "pruning.png"],
+        contextual_ex: ["contextual_lens.csv", "contextual_lens.png", "contextual_panel.png"],
     }
     for module, files in recipes.items():
         out = tmp_path / module.__name__.rsplit(".", 1)[-1]

@@ -134,7 +134,8 @@ def test_report_renders_offline(report_dir, browser_context):
     assert strip == expected.replace("\n", " ")
     assert len(re.findall(r"<img \d+,\d+>", strip)) >= 8
     assert page.locator(".note.skipped").count() == 0
-    for section in ("input", "lens", "similarity", "attention", "patterns", "count", "contributions"):
+    for section in ("input", "lens", "similarity", "attention", "patterns", "count", "contributions", "pruning",
+                    "contextual_lens"):
         assert page.locator(f"section#{section} > h2").count() == 1
     page.screenshot(path=str(report_dir / "report.png"), full_page=True)
     page.close()

@@ -9,7 +9,8 @@ from click.testing import CliRunner
 
 from vlens.cli import main
 
-COMMANDS = ["report", "info", "lens", "similarity", "attention", "count-curve", "contributions", "sweep", "convert",
+COMMANDS = ["report", "info", "lens", "similarity", "attention", "count-curve", "contributions", "prune",
+            "contextual-lens", "sweep", "convert",
             "convert minigpt4"]
 
 
@@ -74,12 +75,13 @@ def test_report(runner, llava_dir, tmp_path):
     result = run(runner, "report", "--model", llava_dir, "--out", out, "--seed", 3, "--layers", "0,2")
     assert result.exit_code == 0, result.output
     assert f"report written to {out / 'report.html'}" in result.stdout
-    assert "[1/6] logit lens" in result.stderr and "done in" in result.stderr  # progress goes to stderr
+    assert "[1/8] logit lens" in result.stderr and "done in" in result.stderr  # progress goes to stderr
     html = (out / "report.html").read_text(encoding="utf-8")
     assert "generated scene (seed 3)" in html and "model&#x27;s greedy answer" in html
     assert 'id="vlens-attn-L0-heads"' in html and 'id="vlens-attn-L2-heads"' in html
     assert 'id="vlens-attn-L1-heads"' not in html
     assert (out / "data" / "lens.csv").is_file() and (out / "data" / "contributions.csv").is_file()
+    assert (out / "data" / "pruning.csv").is_file() and (out / "data" / "contextual_lens.csv").is_file()
 
 
 def test_report_with_own_image_prompt_and_generated_answer(runner, llava_dir, tmp_path, photo):

@@ -15,7 +15,7 @@ activations has one reduction, which its cache form and its stream (``Similarity
 ``AttentionStream``, ``LensStream``; see :mod:`vlens.analysis.streaming`) share.
 """
 
-from vlens.analysis import attention, dependence, knockout, lens, similarity, streaming, tokens
+from vlens.analysis import attention, contextual, dependence, knockout, lens, pruning, similarity, streaming, tokens
 from vlens.analysis.attention import (
     AttentionResult,
     AttentionStats,
@@ -24,8 +24,10 @@ from vlens.analysis.attention import (
     attention_to_image,
     find_sink_tokens,
 )
+from vlens.analysis.contextual import ContextualLensResult, contextual_lens
 from vlens.analysis.dependence import PromptDependenceResult, prompt_dependence
 from vlens.analysis.lens import LensResult, LensStats, LensStream, logit_lens
+from vlens.analysis.pruning import PruningResult, prune_visual_tokens
 from vlens.analysis.similarity import SimilarityResult, SimilarityStream, modality_similarity
 from vlens.analysis.streaming import CurveStats, Stream, run_streams
 from vlens.analysis.tokens import ContributionResult, CountCurveResult, token_contributions, token_count_curve
@@ -35,18 +37,22 @@ __all__ = [
     "AttentionStats",
     "AttentionStream",
     "ContributionResult",
+    "ContextualLensResult",
     "CountCurveResult",
     "CurveStats",
     "LensResult",
     "LensStats",
     "LensStream",
     "PromptDependenceResult",
+    "PruningResult",
     "SimilarityResult",
     "SimilarityStream",
     "SinkTokens",
     "Stream",
     "attention",
     "attention_to_image",
+    "contextual",
+    "contextual_lens",
     "dependence",
     "find_sink_tokens",
     "knockout",
@@ -54,6 +60,8 @@ __all__ = [
     "logit_lens",
     "modality_similarity",
     "prompt_dependence",
+    "prune_visual_tokens",
+    "pruning",
     "run_streams",
     "similarity",
     "streaming",

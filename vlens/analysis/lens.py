@@ -97,13 +97,7 @@ class LensResult(BatchedResult):
     def hit_rate(self, ids: Sequence[Int[Tensor, " n"]]) -> Float[Tensor, "batch layer"]:
         """Per layer, the fraction of a row's positions whose top-k holds any of that row's
         ``ids[b]`` (e.g. the scene's object words; NaN for a row with no id)."""
-        out = torch.full(self.top_ids.shape[:2], float("nan"))
-        for b, row_ids in enumerate(ids):
-            n = int((self.positions[b] >= 0).sum())
-            if n and len(row_ids):
-                top = self.top_ids[b, :, :n]  # [layer, pos, k]
-                out[b] = torch.isin(top, torch.as_tensor(row_ids).long()).any(-1).float().mean(-1)
-        return out
+        return hit_rate(self.top_ids, self.positions, ids)
 
     def final_agreement(self) -> Float[Tensor, "batch layer"]:
         """Per layer, the fraction of positions whose top-1 equals their top-1 at the last layer."""
@@ -133,6 +127,20 @@ class LensResult(BatchedResult):
         )
         frame["rank"] = frame["rank"].astype("int64")
         return frame
+
+
+def hit_rate(
+    top_ids: Int[Tensor, "batch layer pos k"], positions: Int[Tensor, "batch pos"], ids: Sequence[Int[Tensor, " n"]]
+) -> Float[Tensor, "batch layer"]:
+    """Per row and layer, the fraction of its positions whose top-k holds any of ``ids[b]`` (NaN
+    for a row with no id); shared by the logit lens and the contextual lens."""
+    out = torch.full(top_ids.shape[:2], float("nan"))
+    for b, row_ids in enumerate(ids):
+        n = int((positions[b] >= 0).sum())
+        if n and len(row_ids):
+            top = top_ids[b, :, :n]  # [layer, pos, k]
+            out[b] = torch.isin(top, torch.as_tensor(row_ids).long()).any(-1).float().mean(-1)
+    return out
 
 
 def _match_rate(top_ids: Tensor, label_ids: Tensor) -> Tensor:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import click
 
-from vlens.cli import single
+from vlens.cli import pruning, single
 from vlens.cli._common import Group
 from vlens.cli.convert import convert_group
 from vlens.cli.info import info
@@ -35,12 +35,14 @@ def main(debug: bool) -> None:
       vlens info toy
       vlens lens --figure lens.png --table lens.csv
       vlens attention --layers 0,1 --html attention.html
+      vlens prune --layers 2 --keep 0.25,0.5 --figure prune.png
+      vlens contextual-lens --contexts captions.txt
       vlens sweep --model toy --data 500 --out runs/scenes
     """
 
 
 for _command in (single.report, info, single.lens, single.similarity, single.attention, single.count_curve,
-                 single.contributions, sweep_command, convert_group):
+                 single.contributions, pruning.prune, pruning.contextual_lens, sweep_command, convert_group):
     main.add_command(_command)
 del _command
 

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
         ModalitySimilarity,
         SweepAnalysis,
         TokenCountCurve,
+        VisualTokenPruning,
     )
     from vlens.sweep.memory import MemoryEstimate, estimate_memory
     from vlens.sweep.runner import SweepReport, run
@@ -40,6 +41,7 @@ _LAZY = {
     "ModalitySimilarity": "vlens.sweep.analyses",
     "SweepAnalysis": "vlens.sweep.analyses",
     "TokenCountCurve": "vlens.sweep.analyses",
+    "VisualTokenPruning": "vlens.sweep.analyses",
     "MemoryEstimate": "vlens.sweep.memory",
     "estimate_memory": "vlens.sweep.memory",
     "SweepReport": "vlens.sweep.runner",
@@ -65,6 +67,7 @@ __all__ = [
     "SweepReport",
     "SweepSummary",
     "TokenCountCurve",
+    "VisualTokenPruning",
     "estimate_memory",
     "load_results",
     "run",

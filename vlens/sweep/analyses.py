@@ -334,6 +334,60 @@ class TokenCountCurve(SweepAnalysis):
         return 4 * batch * seq * d + 4 * seq * int(model.cfg.d_vocab)
 
 
+class VisualTokenPruning(SweepAnalysis):
+    """FastV-style pruning: :func:`vlens.analysis.prune_visual_tokens` over a grid of layers K,
+    keep fractions and rankings, per example.
+
+    Columns (flat lists over the grid, ranking-major, then K, then keep, the order of
+    ``prune_visual_tokens.grid``): ``.loss``, ``.exact`` (1.0 / 0.0), ``.flops_ratio`` (the
+    unpruned loss is the sweep's ``answer_loss``). NaN without an answer.
+    """
+
+    name = "prune_visual_tokens"
+    layer_axis = None
+
+    def __init__(self, layers: Sequence[int] = (2,), keep: Sequence[float] = (0.25, 0.5, 0.75),
+                 rankings: Sequence[str] = ("attention", "random"), stream: bool = True) -> None:
+        super().__init__(stream)
+        self.layers = tuple(int(k) for k in layers)
+        self.keep = tuple(float(r) for r in keep)
+        self.rankings = tuple(str(r) for r in rankings)
+        if not self.layers or not self.keep or not self.rankings:
+            raise AnalysisInputError(f"{self.name}: layers, keep and rankings must each be non-empty")
+
+    def params(self) -> dict[str, Any]:
+        return {"layers": list(self.layers), "keep": list(self.keep), "rankings": list(self.rankings)}
+
+    @property
+    def grid(self) -> list[str]:
+        """The cell each list entry stands for, e.g. ``"attention/K2/keep0.5"``."""
+        return [f"{r}/K{k}/keep{f:g}" for r in self.rankings for k in self.layers for f in self.keep]
+
+    def rows(self, model: "HookedVLM", batch: Batch) -> list[dict[str, Any]]:
+        from vlens.analysis.pruning import prune_visual_tokens
+
+        n = len(self.grid)
+        out: list[dict[str, Any]] = [{f"{self.name}.loss": [math.nan] * n, f"{self.name}.exact": [math.nan] * n,
+                                      f"{self.name}.flops_ratio": [math.nan] * n}
+                                     for _ in range(batch.size)]
+        layout = batch.layout
+        answered = [r for r in range(batch.size) if bool(layout.answer_mask[r].any())]
+        if not answered:
+            return out
+        inputs = batch.inputs if len(answered) == batch.size else _rows_of(model, batch.inputs, answered)
+        result = prune_visual_tokens(model, inputs, layers=self.layers, keep=self.keep, rankings=self.rankings)
+        for i, r in enumerate(answered):
+            shape = result.loss[i].shape
+            out[r][f"{self.name}.loss"] = _floats(result.loss[i].flatten())
+            out[r][f"{self.name}.exact"] = _floats(result.exact[i].float().flatten())
+            out[r][f"{self.name}.flops_ratio"] = _floats(result.flops_ratio[i][None].expand(shape).flatten())
+        return out
+
+    def activation_bytes(self, model: "HookedVLM", batch: int, seq: int, n_image: int) -> int:
+        # One row at a time, as many variants as rankings, logits only at the answer rows.
+        return 4 * len(self.rankings) * seq * int(model.cfg.d_model) * 4
+
+
 def _rows_of(model: "HookedVLM", inputs: "VLMInputs", rows: list[int]) -> "VLMInputs":
     """Some rows of a batch, prepared again from the texts the processor saw."""
     return model.prepare(
@@ -345,7 +399,7 @@ def _rows_of(model: "HookedVLM", inputs: "VLMInputs", rows: list[int]) -> "VLMIn
 
 
 ANALYSES: dict[str, type[SweepAnalysis]] = {
-    cls.name: cls for cls in (ModalitySimilarity, AttentionToImage, LogitLens, TokenCountCurve)
+    cls.name: cls for cls in (ModalitySimilarity, AttentionToImage, LogitLens, TokenCountCurve, VisualTokenPruning)
 }
 if tuple(ANALYSES) != ANALYSIS_NAMES:  # the catalog the CLI reads must name exactly these
     raise ImportError(f"vlens.sweep.catalog lists {ANALYSIS_NAMES}, the registry has {tuple(ANALYSES)}")

@@ -200,6 +200,9 @@ def build_report(
         ("loss vs visual-token count", _count_section),
         ("visual-token contributions", _contribution_section),
     ]
+    from vlens.viz.report_pruning import SECTIONS  # it imports this module's Section and _guarded
+
+    steps += list(SECTIONS)
     for i, (name, build) in enumerate(steps, 1):
         say(f"[{i}/{len(steps)}] {name}")
         started = time.perf_counter()
