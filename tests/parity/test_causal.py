@@ -19,10 +19,10 @@ import random
 import pytest
 import torch
 
-from tests.parity import analysis_refs as ref
 from tests.conftest import make_photo
+from tests.parity import analysis_refs as ref
 from vlens.analysis._spans import grid_cells, predictor_positions
-from vlens.analysis.attention_knockout import attention_knockout
+from vlens.analysis.flow_knockout import attention_knockout
 from vlens.analysis.attribution import attribution_patching, rank_agreement, spearman
 from vlens.analysis.patching import activation_patching
 from vlens.errors import AnalysisInputError

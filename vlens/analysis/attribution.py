@@ -64,7 +64,7 @@ class AttributionResult(BatchedResult):
         )
         frame["kind"] = [self.kinds[k] for k in frame["kind"]]
         frame["metric"] = self.metric
-        return frame[frame["pos"] >= 0].reset_index(drop=True)
+        return pd.DataFrame(frame[frame["pos"] >= 0]).reset_index(drop=True)
 
 
 def attribution_patching(

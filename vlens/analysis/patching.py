@@ -108,7 +108,7 @@ class PatchingResult(BatchedResult):
             coords={"layer": self.layers, "pos": self.positions},
         )
         frame["kind"] = [self.kinds[k] for k in frame["kind"]]
-        return frame[frame["pos"] >= 0].reset_index(drop=True)
+        return pd.DataFrame(frame[frame["pos"] >= 0]).reset_index(drop=True)
 
 
 def activation_patching(
@@ -302,7 +302,7 @@ def _chunk(model, pair, acts, kinds, layers, k_idx, l_idx, p_idx, start, buffers
             logits_to_keep=torch.tensor([pair.predictor - start], device=device),
             extras=batch_extras(pair.extras, rows, suffix),
         )
-    if past is not None:
+    if past is not None and buffers is not None:
         buffers.restore(start, n)
     return metrics(logits[:, 0], target, foil)
 

@@ -200,6 +200,9 @@ def build_report(
         ("loss vs visual-token count", _count_section),
         ("visual-token contributions", _contribution_section),
     ]
+    from vlens.viz.report_causal import causal_steps  # imports this module: load it late
+
+    steps += causal_steps()
     for i, (name, build) in enumerate(steps, 1):
         say(f"[{i}/{len(steps)}] {name}")
         started = time.perf_counter()
