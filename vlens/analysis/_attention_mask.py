@@ -6,11 +6,11 @@ uses, so its weight after the softmax is exactly zero. Two routes reach the scor
 
 * ``"scores"``: the bridge's attention component computes the softmax itself and hands the
   pre-softmax scores through ``blocks.{l}.attn.hook_attn_scores`` (TransformerLens's
-  ``PositionEmbeddingsAttentionBridge``: Llama, Mistral, Gemma 3, ... language models). The
+  ``PositionEmbeddingsAttentionBridge``, used for rotary-position language models). The
   hook edits them.
 * ``"mask"``: the component delegates to the Hugging Face attention module, and its
   ``hook_attn_scores`` fires after the fact on the softmaxed weights (TransformerLens's plain
-  ``AttentionBridge``, e.g. BLIP-2's OPT): an edit there changes nothing. Eager attention adds
+  ``AttentionBridge``): an edit there changes nothing. Eager attention adds
   its ``attention_mask`` argument to the scores before the softmax, so a forward pre-hook on
   the Hugging Face module adds the knockout to that mask instead.
 

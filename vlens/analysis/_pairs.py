@@ -31,7 +31,7 @@ TokenSpec = Union[None, int, str, Sequence[Union[int, str]]]
 
 _ALIGN_HINT = (
     "Patching needs both inputs tokenised alike. For another image with the same prompt, give both images "
-    "the same size and aspect ratio (families such as LLaVA-NeXT pick their tile grid, and so their token "
+    "the same size and aspect ratio (tiling families pick their tile grid, and so their token "
     "count, from it: resize or pad the corrupted image to the clean one's size). For another prompt, use one "
     "with the same number of tokens in each segment (swap words for words of the same token length), and "
     "give both the same answer or none."
