@@ -17,6 +17,7 @@ whole sequence per variant, batched. Only the logits at the read position are co
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
@@ -41,6 +42,7 @@ from vlens.analysis._pairs import (
     row_pairs,
     token_ids,
 )
+from vlens.analysis._replay import LayerReplay
 from vlens.analysis._spans import SpanSpec, span_positions
 from vlens.analysis.knockout import ENGINES, Engine, _PrefixBuffers, _unexpected, engine_for, merge_runs
 from vlens.errors import AnalysisInputError
@@ -233,13 +235,16 @@ def _row_patching(
     acts, clean_logits = clean_activations(model, pair, kinds, layers)
     run = engine_for(model, n, engine)
     with torch.no_grad():
-        logits, cache = model.run_language_model(
-            pair.corrupted[None],
-            pair.positions[None],
-            attention_mask=torch.ones(1, n, dtype=torch.long, device=device),
-            use_cache=run.engine == "kv",
-            logits_to_keep=torch.tensor([pair.predictor], device=device),
-            extras=batch_extras(pair.extras, 1, slice(0, n)),
+        (logits, cache), replay = LayerReplay.record(
+            model,
+            lambda: model.run_language_model(
+                pair.corrupted[None],
+                pair.positions[None],
+                attention_mask=torch.ones(1, n, dtype=torch.long, device=device),
+                use_cache=run.engine == "kv",
+                logits_to_keep=torch.tensor([pair.predictor], device=device),
+                extras=batch_extras(pair.extras, 1, slice(0, n)),
+            ),
         )
     clean_diff, clean_prob = metrics(clean_logits[None], target, foil)
     corr_diff, corr_prob = metrics(logits[0], target, foil)
@@ -250,11 +255,21 @@ def _row_patching(
             run = _unexpected(model, f"the corrupted sequence's key/value cache does not hold {n} positions")
         else:
             buffers = _PrefixBuffers(kv, batch_size, n)
+    if engine == "kv" and isinstance(replay, LayerReplay):
+        replay = _checked(replay, model, pair, logits[0, 0], buffers)
+    if isinstance(replay, str):
+        replay_reason = f"layers below a patch re-run: {replay}"
+        run = dataclasses.replace(run, reason="; ".join(r for r in (run.reason, replay_reason) if r))
+        replay = None
+    if engine != "kv":
+        replay = None  # "naive" runs the whole language model per variant
     n_kind, n_layer, n_pos = len(kinds), len(layers), pair.patch.numel()
-    # Variants (kind, layer, position index), sorted by position so a chunk shares its prefix.
+    # Variants (kind, layer, position index): sorted by layer, then position, where the layers
+    # below a patch are replayed (a chunk starts at its lowest layer); else by position only.
     k_idx, l_idx, p_idx = torch.meshgrid(torch.arange(n_kind), torch.arange(n_layer), torch.arange(n_pos), indexing="ij")
     k_idx, l_idx, p_idx = k_idx.flatten(), l_idx.flatten(), p_idx.flatten()
-    order = p_idx.argsort(stable=True)
+    key = p_idx if replay is None else l_idx * n_pos + p_idx
+    order = key.argsort(stable=True)
     diff = torch.full((n_kind * n_layer * n_pos,), float("nan"))
     prob = torch.full_like(diff, float("nan"))
     patch_cpu = pair.patch.cpu()
@@ -265,31 +280,39 @@ def _row_patching(
             # Causal: a patch after the read position cannot change it.
             diff[chunk], prob[chunk] = corr_diff.cpu(), corr_prob.cpu()
             continue
-        d, p = _chunk(model, pair, acts, kinds, layers, k_idx[chunk], l_idx[chunk], p_idx[chunk], start, buffers, target, foil)
+        args = (model, pair, acts, kinds, layers, k_idx[chunk], l_idx[chunk], p_idx[chunk], start, buffers, target, foil)
+        d, p = _chunk(*args) if replay is None else _replayed_chunk(replay, *args)
         diff[chunk], prob[chunk] = d.cpu(), p.cpu()
     shape = (n_kind, n_layer, n_pos)
     base = (clean_diff[0].cpu(), corr_diff[0].cpu(), clean_prob[0].cpu(), corr_prob[0].cpu())
     return diff.view(shape), prob.view(shape), base, run
 
 
-def _chunk(model, pair, acts, kinds, layers, k_idx, l_idx, p_idx, start, buffers, target, foil):
+def _patch_hooks(pair, acts, kinds, layers, k_idx, l_idx, p_idx, start) -> list[tuple[str, Any]]:
+    """Hooks writing each row's clean activation at its kind, layer and position (suffix index)."""
     device = pair.clean.device
-    n = pair.corrupted.shape[0]
-    rows = k_idx.numel()
     where = pair.patch[p_idx.to(device)] - start  # index into the suffix
+    p_dev = p_idx.to(device)
 
     def patcher(k: int, l: int):
         rows_here = ((k_idx == k) & (l_idx == l)).nonzero().flatten().to(device)
 
         def fn(x: Tensor, hook: Any) -> Tensor:
             x = x.clone()
-            x[rows_here, where[rows_here]] = acts[k, l, p_idx.to(device)[rows_here]].to(x.dtype)
+            x[rows_here, where[rows_here]] = acts[k, l, p_dev[rows_here]].to(x.dtype)
             return x
 
         return fn
 
     used = sorted({(int(k), int(l)) for k, l in zip(k_idx, l_idx)})
-    hooks = [(hook_name(kinds[k], int(layers[l])), patcher(k, l)) for k, l in used]
+    return [(hook_name(kinds[k], int(layers[l])), patcher(k, l)) for k, l in used]
+
+
+def _chunk(model, pair, acts, kinds, layers, k_idx, l_idx, p_idx, start, buffers, target, foil):
+    device = pair.clean.device
+    n = pair.corrupted.shape[0]
+    rows = k_idx.numel()
+    hooks = _patch_hooks(pair, acts, kinds, layers, k_idx, l_idx, p_idx, start)
     suffix = slice(start, n)
     past = buffers.cache(rows, start) if (buffers is not None and start > 0) else None
     with torch.no_grad(), model.hooks(hooks):
@@ -306,3 +329,23 @@ def _chunk(model, pair, acts, kinds, layers, k_idx, l_idx, p_idx, start, buffers
         buffers.restore(start, n)
     return metrics(logits[:, 0], target, foil)
 
+
+def _replayed_chunk(replay, model, pair, acts, kinds, layers, k_idx, l_idx, p_idx, start, buffers, target, foil):
+    hooks = _patch_hooks(pair, acts, kinds, layers, k_idx, l_idx, p_idx, start)
+    first = int(layers[l_idx].min())
+    with torch.no_grad(), model.hooks(hooks):
+        logits = replay.logits(first, start, k_idx.numel(), pair.predictor, buffers)
+    return metrics(logits, target, foil)
+
+
+def _checked(replay: LayerReplay, model, pair: RowPair, expected: Tensor, buffers) -> "LayerReplay | str":
+    """The replay, if re-running the last block on the read position's suffix gives the
+    corrupted run's own logits; else why not (then every variant runs every layer)."""
+    start = pair.predictor if buffers is not None else 0
+    with torch.no_grad():
+        got = replay.logits(model.n_layers - 1, start, 1, pair.predictor, buffers)[0]
+    expected = expected.float()
+    gap = float((got - expected).abs().max())
+    if not gap <= 1e-4 * max(1.0, float(expected.abs().max())):
+        return f"re-running the last block gives logits {gap:.3g} away from the model's own"
+    return replay
