@@ -4,5 +4,7 @@
 checks the two agree.
 """
 
-ANALYSIS_NAMES: tuple[str, ...] = ("modality_similarity", "attention_to_image", "logit_lens", "token_count_curve")
+ANALYSIS_NAMES: tuple[str, ...] = (
+    "modality_similarity", "attention_to_image", "logit_lens", "token_count_curve", "attention_knockout",
+)
 DEFAULT_ANALYSES: tuple[str, ...] = ("modality_similarity", "attention_to_image", "logit_lens")
