@@ -3,9 +3,11 @@
 On the medium random LLaVA at 336 px (576 image tokens, the LLaVA-1.5 layout), side by side
 in one process:
 
-* ``activation_patching`` of ``resid_pre`` over every layer and ``--positions`` image positions
-  spread evenly over the 576 (default 576: all of them), batched with the shared corrupted
-  prefix; against a plain Hugging Face loop, one forward of an untouched copy of the checkpoint
+* ``activation_patching`` of ``resid_pre`` over every layer and image positions, batched with the
+  layers below each patch and the corrupted prefix shared. By default all 576 positions; with
+  ``--runs R`` only R runs of ``--batch-size`` consecutive image positions spread evenly over the
+  image (each chunk of variants is then as contiguous as in the full run, so its per-pair time is
+  representative), scaled to every pair; against a plain Hugging Face loop, one forward of an untouched copy of the checkpoint
   per (layer, position) with a forward pre-hook writing the clean residual into the decoder
   layer's input, logits at every position as a hand-written loop gets them. The loop is timed on
   ``--naive-pairs`` (layer, position) pairs spread over the grid and its per-pair time scaled to
@@ -15,7 +17,7 @@ in one process:
 * ``attention_knockout`` predictor -> image over every window of sizes 1 and 2 against a loop of
   plain forwards, one per window, with the blocked entries of the eager mask set by pre-hooks.
 
-Usage: python -m benchmarks.patching [--threads 2] [--positions 576] [--naive-pairs 12] [--model-dir DIR]
+Usage: python -m benchmarks.patching [--threads 2] [--runs 0] [--batch-size 32] [--naive-pairs 12] [--model-dir DIR]
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ def _plain_resid(baseline, kwargs, n_layers):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--positions", type=int, default=576, help="image positions patched by vlens (spread evenly)")
+    parser.add_argument("--runs", type=int, default=0, help="0: every image position; else runs of --batch-size positions")
     parser.add_argument("--naive-pairs", type=int, default=12)
     parser.add_argument("--batch-size", type=int, default=32)
     add_model_arguments(parser, image_size=336)
@@ -80,8 +82,12 @@ def main() -> None:
     n_layers = model.n_layers
     image = clean.layout.image_positions(0)
     n_img = image.numel()
-    pick = torch.linspace(0, n_img - 1, min(args.positions, n_img)).round().long().unique()
-    positions = image[pick]
+    if args.runs > 0:
+        run = min(args.batch_size, n_img)
+        firsts = torch.linspace(0, n_img - run, args.runs).round().long().unique()
+        positions = image[(firsts[:, None] + torch.arange(run)[None]).flatten().unique()]
+    else:
+        positions = image
     predictor = int(predictor_positions(clean.layout)[0])
     foil = 5
     print(f"sequence: {clean.input_ids.shape[1]} tokens, {n_img} image tokens, {n_layers} layers, {args.threads} threads")
@@ -116,13 +122,15 @@ def main() -> None:
             times.append(time.perf_counter() - start)
             worst = max(worst, abs(float(logits[target] - logits[foil]) - float(result.logit_diff[0, 0, layer, i])))
         per_pair_plain = statistics.median(times)
+        effect = (result.logit_diff[0, 0] - result.corrupted_logit_diff[0]).abs()
 
     print(f"patching: vlens {t_vlens:.1f}s for {n_pairs} (layer, position) pairs ({per_pair_vlens * 1e3:.1f} ms each, "
           f"engine {result.engine})")
     print(f"  plain HF loop: {per_pair_plain * 1e3:.1f} ms per pair, timed on {len(sample)} pairs and scaled to "
           f"{n_layers} x {n_img} = {n_layers * n_img} pairs: {per_pair_plain * n_layers * n_img:.0f}s")
     print(f"  ratio (plain loop / vlens, per pair): {per_pair_plain / per_pair_vlens:.2f}x;  max |diff| at the sampled "
-          f"pairs: {worst:.2e}")
+          f"pairs: {worst:.2e} (patch effects on the logit difference up to {float(effect.max()):.2e}, "
+          f"median {float(effect.median()):.2e})")
 
     start = time.perf_counter()
     va.attribution_patching(model, clean, corrupted, foil=foil)
