@@ -13,7 +13,7 @@ from tests.tiny.families import FAMILY_BUILDERS
 from vlens import HookedVLM
 from vlens.viz.report import build_report, count_grid, report_inputs
 
-SECTIONS = ["input", "lens", "similarity", "attention", "patterns", "count", "contributions"]
+SECTIONS = ["input", "lens", "similarity", "attention", "patterns", "count", "contributions", "knockout", "patching"]
 
 
 @pytest.fixture(scope="module")
