@@ -53,6 +53,10 @@ class ImageSpan:
         boxes: Each token's pixel box (x0, y0, x1, y1) on the input image, NaN where it
             covers none (``HookedVLM.prepare`` fills it from the family adapter); None
             for a span built without an image.
+        marker_positions: Positions of text tokens that delimit this image's rows (e.g.
+            Pixtral's ``[IMG_BREAK]`` / ``[IMG_END]``): not image tokens (they are in the
+            layout's ``marker_mask``), but labelled like newline tokens (``marker_labels``).
+        marker_labels: The label of each of ``marker_positions``, e.g. ``"<nl 0>"``.
     """
 
     image_index: int
@@ -65,6 +69,8 @@ class ImageSpan:
     connector_text: Optional[str] = None
     query_label: Optional[str] = None
     boxes: Optional[Float[Tensor, "n 4"]] = None
+    marker_positions: Optional[Int[Tensor, " m"]] = None
+    marker_labels: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         n = self.positions.shape[0]
@@ -75,6 +81,9 @@ class ImageSpan:
             )
         if self.boxes is not None and tuple(self.boxes.shape) != (n, 4):
             raise ValueError(f"ImageSpan.boxes must be [{n}, 4], got {tuple(self.boxes.shape)}")
+        n_markers = 0 if self.marker_positions is None else int(self.marker_positions.shape[0])
+        if n_markers != len(self.marker_labels):
+            raise ValueError(f"ImageSpan has {n_markers} marker positions but {len(self.marker_labels)} marker labels")
 
     @property
     def n_tokens(self) -> int:
@@ -195,12 +204,16 @@ class TokenLayout:
         return masks[name]
 
     def token_labels(self, row: int, text_tokens: list[str]) -> list[str]:
-        """Per-position labels of one row: image tokens read their span label, the rest
-        keep ``text_tokens`` (the tokenizer's strings); padding is dropped."""
+        """Per-position labels of one row: image tokens read their span label, and so do a
+        span's row markers (``marker_labels``); the rest keep ``text_tokens`` (the
+        tokenizer's strings); padding is dropped."""
         labels = list(text_tokens[: int(self.lengths[row])])
         for span in self.images[row]:
             for pos, label in zip(span.positions.tolist(), span.labels):
                 labels[pos] = label
+            if span.marker_positions is not None:
+                for pos, label in zip(span.marker_positions.tolist(), span.marker_labels):
+                    labels[pos] = label
         return labels
 
     def select(self, rows: list[int]) -> "TokenLayout":

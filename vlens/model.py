@@ -134,6 +134,7 @@ class HookedVLM:
             dtype=torch_dtype,
             device=torch_device,
             model_name=os.fspath(name_or_path),
+            post_adapter_hook=adapter.tl_adapter_overlay,
         )
         if process_weights:
             bridge.enable_compatibility_mode()

@@ -29,8 +29,12 @@ class Family:
         lm_attr: The reference's attribute holding its own causal LM with a head
             (BLIP's ``language_model``), or None when the whole model takes
             ``inputs_embeds`` directly.
-        reads_prompt: Whether the connector reads the instruction (so image-token
-            states depend on the prompt).
+        reads_prompt: Whether image-token states depend on the prompt: the connector
+            reads the instruction (InstructBLIP), or the language model attends from the
+            image to the prompt after it (PaliGemma's bidirectional prefix).
+        prompt_from_layer: With ``reads_prompt``, the first layer (of the ``n_layers + 1``
+            residual-stream layers) whose image-token states depend on it: 0 for a connector
+            that reads it, 1 for a language model that does.
         per_token: Inputs the forward takes one per token (Gemma3's token types).
         adapter: The vlens family (``VisionPrefixAdapter.family``) the checkpoint is; the
             registry test ties this table to the adapter registry.
@@ -42,6 +46,7 @@ class Family:
     kwargs: dict = field(default_factory=dict)
     lm_attr: Optional[str] = None
     reads_prompt: bool = False
+    prompt_from_layer: int = 0
     per_token: tuple[str, ...] = ()
 
 
@@ -53,6 +58,17 @@ FAMILIES = {
     "blip2": Family("blip", "build_blip2", "blip2", lm_attr="language_model"),
     "instructblip": Family("blip", "build_instructblip", "instructblip", lm_attr="language_model", reads_prompt=True),
     "gemma3": Family("gemma3", "build_gemma3", "gemma3", per_token=("token_type_ids",)),
+    "smolvlm": Family("smolvlm", "build_smolvlm", "smolvlm"),
+    "paligemma": Family(
+        "paligemma", "build_paligemma", "paligemma", reads_prompt=True, prompt_from_layer=1,
+        per_token=("token_type_ids",),
+    ),
+    "paligemma2": Family(
+        "paligemma", "build_paligemma", "paligemma", {"gemma2": True}, reads_prompt=True, prompt_from_layer=1,
+        per_token=("token_type_ids",),
+    ),
+    "llava_onevision": Family("llava_onevision", "build_llava_onevision", "llava_onevision"),
+    "mistral3": Family("mistral3", "build_mistral3", "mistral3"),
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -66,14 +67,18 @@ def assert_batched_equals_unbatched(model: HookedVLM, batch: VLMInputs, singles:
             assert diff <= TOL, f"row {row}: batched logits differ from unbatched by {diff}"
 
 
-def greedy_without_cache(reference: torch.nn.Module, kwargs: dict, n: int) -> torch.Tensor:
+def greedy_without_cache(
+    reference: torch.nn.Module, kwargs: dict, n: int, grow: Optional[dict[str, int]] = None
+) -> torch.Tensor:
     """The reference generation no cache can spoil: the untouched Hugging Face model re-run on
     the whole sequence at every step (``use_cache=False``), taking the argmax of the last logits.
 
     Every per-token input (``attention_mask``, ``token_type_ids``, ...: a ``[1, pos]`` tensor
     beside ``input_ids``) grows with the sequence: 1 in the attention mask, 0 (a text token)
-    elsewhere, as Hugging Face's own generation extends them.
+    elsewhere, as Hugging Face's own generation extends them, unless ``grow`` names another
+    value (PaliGemma's generated tokens are suffix tokens, ``token_type_ids`` 1).
     """
+    grow = {"attention_mask": 1, **(grow or {})}
     ids = kwargs["input_ids"]
     per_token = {k: v for k, v in kwargs.items() if k != "input_ids" and torch.is_tensor(v) and v.shape == ids.shape}
     fixed = {k: v for k, v in kwargs.items() if k != "input_ids" and k not in per_token}
@@ -85,17 +90,20 @@ def greedy_without_cache(reference: torch.nn.Module, kwargs: dict, n: int) -> to
         new.append(int(token))
         ids = torch.cat([ids, token], 1)
         per_token = {
-            k: torch.cat([v, torch.ones_like(v[:, :1]) if k == "attention_mask" else torch.zeros_like(v[:, :1])], 1)
+            k: torch.cat([v, torch.full_like(v[:, :1], grow.get(k, 0))], 1)
             for k, v in per_token.items()
         }
     return torch.tensor(new)
 
 
-def assert_generate_matches_hf(model: HookedVLM, reference: torch.nn.Module, inputs: VLMInputs, n: int = 6) -> None:
+def assert_generate_matches_hf(
+    model: HookedVLM, reference: torch.nn.Module, inputs: VLMInputs, n: int = 6, grow: Optional[dict[str, int]] = None
+) -> None:
     """vlens's greedy tokens equal a no-cache greedy loop over the untouched HF model (the
-    reference that cannot share a cache bug) and, beside it, Hugging Face's own ``generate``."""
+    reference that cannot share a cache bug; ``grow`` as there) and, beside it, Hugging Face's
+    own ``generate``."""
     kwargs = inputs.model_kwargs()
-    plain = greedy_without_cache(reference, kwargs, n)
+    plain = greedy_without_cache(reference, kwargs, n, grow)
     with torch.no_grad():
         ref = reference.generate(**kwargs, max_new_tokens=n, do_sample=False, num_beams=1,
                                  pad_token_id=model.tokenizer.pad_token_id)

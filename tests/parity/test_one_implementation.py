@@ -23,22 +23,38 @@ N_EXAMPLES = 4
 ALL = ["modality_similarity", "attention_to_image", "logit_lens", "token_count_curve"]
 
 
+# LLaVA, and families whose token count depends on the image (anyres_max tiles; Pixtral's own sizes).
+FAMILIES = ("llava", "llava_onevision", "mistral3")
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def model(request, llava_model, tmp_path_factory):
+    if request.param == "llava":
+        return llava_model
+    from tests.tiny.families import FAMILY_BUILDERS
+    from vlens import HookedVLM
+
+    return HookedVLM.from_pretrained(FAMILY_BUILDERS[request.param](tmp_path_factory.mktemp(request.param)), device="cpu")
+
+
 @pytest.fixture(scope="module")
 def scenes():
     return load_scenes(N_EXAMPLES, seed=11)
 
 
 @pytest.fixture(scope="module")
-def n_image(llava_model, scenes):
-    return int(llava_model.prepare(scenes[0].load_image(), scenes[0].prompt).layout.image_mask.sum())
+def n_image(model, scenes):
+    counts = {int(model.prepare(ex.load_image(), ex.prompt).layout.image_mask.sum()) for ex in scenes}
+    assert len(counts) == 1, f"the scenes give different token counts {counts}"
+    return counts.pop()
 
 
 @pytest.fixture(scope="module")
-def rows(llava_model, scenes, n_image, tmp_path_factory):
+def rows(model, scenes, n_image, tmp_path_factory):
     """The sweep's rows, with a count-curve fraction for every count 0..n."""
     out = tmp_path_factory.mktemp("three-ways") / "run"
     fractions = [k / n_image for k in range(n_image + 1)]
-    sweep.run(llava_model, scenes, out, ALL, params={"token_count_curve": {"fractions": fractions}},
+    sweep.run(model, scenes, out, ALL, params={"token_count_curve": {"fractions": fractions}},
               batch_size=3, progress=False)
     return sweep.load_results(out)
 
@@ -48,8 +64,7 @@ def prepared(model, example):
     return model.prepare([example.load_image()], [example.prompt], answer=[example.answer])
 
 
-def test_similarity_attention_and_lens_agree_three_ways(llava_model, scenes, rows):
-    model = llava_model
+def test_similarity_attention_and_lens_agree_three_ways(model, scenes, rows):
     names = sorted(set(va.lens.required_hooks(model)) | set(va.attention.required_hooks(model)))
     streams = {
         "similarity": va.SimilarityStream(model, against="text_states", text="instruction"),
@@ -93,12 +108,12 @@ def test_similarity_attention_and_lens_agree_three_ways(llava_model, scenes, row
     assert (curve.per_layer - torch.stack(per_layer).mean(0)).abs().max() <= TOL
 
 
-def test_count_curve_agrees_at_every_count(llava_model, scenes, rows, n_image):
+def test_count_curve_agrees_at_every_count(model, scenes, rows, n_image):
     counts = list(range(n_image + 1))
     for i, example in enumerate(scenes):
-        inputs = prepared(llava_model, example)
-        kv = va.token_count_curve(llava_model, inputs, counts=counts, engine="kv")
-        naive = va.token_count_curve(llava_model, inputs, counts=counts, engine="naive")
+        inputs = prepared(model, example)
+        kv = va.token_count_curve(model, inputs, counts=counts, engine="kv")
+        naive = va.token_count_curve(model, inputs, counts=counts, engine="naive")
         row = rows.iloc[i]
         assert list(row["token_count_curve.counts"]) == counts
         assert row["token_count_curve.engine"] == kv.engine == "kv"

@@ -14,6 +14,10 @@ from tests.tiny.gemma3 import build_gemma3
 from tests.tiny.idefics3 import build_idefics3
 from tests.tiny.llava import build_llava
 from tests.tiny.llava_next import build_llava_next
+from tests.tiny.paligemma import build_paligemma
+from tests.tiny.smolvlm import build_smolvlm
+from tests.tiny.llava_onevision import build_llava_onevision
+from tests.tiny.mistral3 import build_mistral3
 
 FAMILY_BUILDERS: dict[str, Callable[[Path], Path]] = {
     "llava": build_llava,
@@ -22,4 +26,8 @@ FAMILY_BUILDERS: dict[str, Callable[[Path], Path]] = {
     "gemma3": build_gemma3,
     "blip2": build_blip2,
     "instructblip": build_instructblip,
+    "paligemma": build_paligemma,
+    "smolvlm": build_smolvlm,
+    "llava_onevision": build_llava_onevision,
+    "mistral3": build_mistral3,
 }

@@ -14,9 +14,24 @@ from vlens.adapters.gemma3 import Gemma3Adapter
 from vlens.adapters.idefics3 import Idefics3Adapter
 from vlens.adapters.llava import LlavaAdapter
 from vlens.adapters.llava_next import LlavaNextAdapter
+from vlens.adapters.llava_onevision import LlavaOnevisionAdapter
+from vlens.adapters.mistral3 import Mistral3Adapter
+from vlens.adapters.paligemma import PaliGemmaAdapter
+from vlens.adapters.smolvlm import SmolVLMAdapter
 from vlens.errors import UnsupportedArchitectureError
 
-ADAPTERS: tuple[type[VisionPrefixAdapter], ...] = (LlavaAdapter, LlavaNextAdapter, Idefics3Adapter, Gemma3Adapter, Blip2Adapter, InstructBlipAdapter)
+ADAPTERS: tuple[type[VisionPrefixAdapter], ...] = (
+    LlavaAdapter,
+    LlavaNextAdapter,
+    Idefics3Adapter,
+    Gemma3Adapter,
+    Blip2Adapter,
+    InstructBlipAdapter,
+    LlavaOnevisionAdapter,
+    Mistral3Adapter,
+    PaliGemmaAdapter,
+    SmolVLMAdapter,
+)
 
 
 def supported_architectures() -> dict[str, type[VisionPrefixAdapter]]:

@@ -55,9 +55,10 @@ class VisionPrefixAdapter(ABC):
     fallback_template: ClassVar[str] = "{images}\n{prompt}"
     layout_needs_model: ClassVar[bool] = False
     video_processor_class: ClassVar[Optional[str]] = None
-    """The transformers processor class of a family whose processor holds a video processor
-    (which transformers builds only with torchvision); where torchvision cannot be imported,
-    vlens loads that class for images only (``vlens.adapters._processors``)."""
+    """The transformers processor class of a family whose processor transformers builds only
+    with torchvision (one holding a video processor, or one declared torchvision-only like
+    Pixtral's); where torchvision cannot be imported, vlens loads that class for images with
+    its image processor and tokenizer (``vlens.adapters._processors``)."""
     stage_prefixes: ClassVar[dict[str, tuple[str, ...]]] = {
         "vision": ("vision_encoder.",),
         "connector": ("vision_projector.",),
@@ -159,10 +160,16 @@ class VisionPrefixAdapter(ABC):
             content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": prompt}]
         if getattr(self.processor, "chat_template", None):
             messages = [{"role": "user", "content": content}]
-            return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            return self.render_chat(messages)
         if found:
             return self.fallback_template.format(images="", prompt=prompt)
         return self.fallback_template.format(images=placeholder * n_images, prompt=prompt)
+
+    def render_chat(self, messages: list[dict]) -> str:
+        """The processor's chat template applied to ``messages``, ending with the generation
+        prompt. A family whose processor's ``apply_chat_template`` needs a part vlens may load
+        without (SmolVLM's reads its video processor) overrides this."""
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     def prompt_placeholder(self) -> str:
         """The text that stands for one image in a prompt, before the processor expands it.
@@ -377,6 +384,12 @@ class VisionPrefixAdapter(ABC):
                 return child
             module = child
         return hf_model
+
+    def tl_adapter_overlay(self, tl_adapter: Any) -> None:
+        """Edit the TransformerLens adapter of this model's bridge before the bridge is built
+        (``build_bridge_from_module``'s ``post_adapter_hook``), e.g. to map a vision tower
+        TransformerLens leaves opaque. Default: nothing. It edits that one adapter object,
+        never TransformerLens's registry."""
 
     def describe(self) -> dict[str, Any]:
         """A short summary for ``vlens info``."""

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from jaxtyping import Float
@@ -85,6 +85,8 @@ class Idefics3Adapter(SequentialPositions, VisionPrefixAdapter):
     """Idefics3 / SmolVLM: SigLIP crops and a global image, pixel-shuffled, between markers."""
     family = "idefics3"
     hf_architectures = ("Idefics3ForConditionalGeneration",)
+    vision_model_types: ClassVar[tuple[str, ...]] = ("idefics3_vision",)
+    """The ``vision_config.model_type`` s of the family's SigLIP-style tower."""
     tl_architecture = "Idefics3ForConditionalGeneration"
     model_input_names = ("pixel_attention_mask",)
     fallback_template = "User:{images}{prompt}<end_of_utterance>\nAssistant:"
@@ -95,18 +97,18 @@ class Idefics3Adapter(SequentialPositions, VisionPrefixAdapter):
     @classmethod
     def check_config(cls, config: Any) -> None:
         super().check_config(config)
-        expect(config.vision_config, "model_type", ("idefics3_vision",), cls.family, where="config.vision_config")
+        expect(config.vision_config, "model_type", cls.vision_model_types, cls.family, where="config.vision_config")
         expect(config.text_config, "model_type", LLAMA_TEXT_MODELS, cls.family, where="config.text_config")
         vision = config.vision_config
         size, patch, scale = vision.image_size, vision.patch_size, config.scale_factor
         if not all(isinstance(v, int) for v in (size, patch, scale)):
             raise UnsupportedArchitectureError(
-                f"idefics3: vision_config.image_size={size!r}, patch_size={patch!r} and scale_factor={scale!r} must "
+                f"{cls.family}: vision_config.image_size={size!r}, patch_size={patch!r} and scale_factor={scale!r} must "
                 "be integers (square crops); vlens does not handle rectangular towers"
             )
         if (size // patch) % scale:
             raise UnsupportedArchitectureError(
-                f"idefics3: a {size}px crop with patch_size {patch} is a {size // patch}x{size // patch} patch grid, "
+                f"{cls.family}: a {size}px crop with patch_size {patch} is a {size // patch}x{size // patch} patch grid, "
                 f"which pixel shuffle with scale_factor {scale} cannot fold evenly; vlens needs "
                 "(image_size // patch_size) divisible by scale_factor"
             )
@@ -122,7 +124,7 @@ class Idefics3Adapter(SequentialPositions, VisionPrefixAdapter):
         splits = getattr(getattr(processor, "image_processor", None), "do_image_splitting", True)
         if splits and not self._row_col_of:
             raise UnsupportedArchitectureError(
-                "idefics3: the image processor splits images into crops but the tokenizer has no <row_i_col_j> "
+                f"{self.family}: the image processor splits images into crops but the tokenizer has no <row_i_col_j> "
                 "tokens; vlens reads which crop each run of image tokens is from these tags"
             )
         # The processor adds <fake_token_around_image> itself; <global-img> is one token in
@@ -134,7 +136,7 @@ class Idefics3Adapter(SequentialPositions, VisionPrefixAdapter):
         crop = max_size.get("longest_edge") if isinstance(max_size, dict) else getattr(max_size, "longest_edge", None)
         if crop is not None and crop != config.vision_config.image_size:
             raise UnsupportedArchitectureError(
-                f"idefics3: the image processor cuts {crop}px crops (max_image_size) but the vision tower takes "
+                f"{self.family}: the image processor cuts {crop}px crops (max_image_size) but the vision tower takes "
                 f"{config.vision_config.image_size}px images (vision_config.image_size); this checkpoint's processor "
                 "and model disagree"
             )
@@ -164,7 +166,7 @@ class Idefics3Adapter(SequentialPositions, VisionPrefixAdapter):
             elif size_h and size_w:
                 h, w = size_h, size_w
             else:
-                raise UnsupportedArchitectureError(f"idefics3: image processor size {ip.size!r} is not supported")
+                raise UnsupportedArchitectureError(f"{self.family}: image processor size {ip.size!r} is not supported")
             frame = frame.resize(w, h)
         if not getattr(ip, "do_image_splitting", False):
             return frame.resize(crop, crop), []
@@ -180,7 +182,7 @@ class Idefics3Adapter(SequentialPositions, VisionPrefixAdapter):
         whole, crops = self.sub_image_frames(width, height)
         if len(span.tile_grids) != len(crops) + 1:
             raise UnsupportedArchitectureError(
-                f"idefics3: a {width}x{height} image is cut into {len(crops)} crops, its span has "
+                f"{self.family}: a {width}x{height} image is cut into {len(crops)} crops, its span has "
                 f"{len(span.tile_grids) - 1}"
             )
         cell = self.config.vision_config.patch_size * self.config.scale_factor  # one pixel-shuffled token

@@ -325,11 +325,15 @@ def fp32_final_norm(model: "HookedVLM") -> Callable[[Tensor], Tensor]:
 
 
 def fp32_unembed(model: "HookedVLM") -> Callable[[Tensor], Tensor]:
-    """The unembedding (``lm_head``) computing in float32."""
+    """The unembedding (``lm_head``) computing in float32, followed by the transform the
+    model applies to its logits after it (a final soft cap ``cap * tanh(x / cap)`` where the
+    language model has one, as TransformerLens's adapter declares it; identity elsewhere), so
+    the last layer's read-out is the model's own output distribution."""
     head = output_embeddings(model.hf_model)
     assert head is not None  # every family's language model has an lm_head (the bridge unembeds with it)
     weight = tensor(head, "weight").detach().float()
     bias = None if getattr(head, "bias", None) is None else tensor(head, "bias").detach().float()
-    return lambda x: torch.nn.functional.linear(x.float().to(weight.device), weight, bias)
+    transform = model.bridge.adapter.apply_output_logits_transform
+    return lambda x: transform(torch.nn.functional.linear(x.float().to(weight.device), weight, bias))
 
 

@@ -225,6 +225,7 @@ def count_curve(setup: Setup, counts: Optional[list[int]], order: Literal["raste
     result = token_count_curve(setup.model, setup.inputs, counts=counts, order=order)
     frame = result.to_frame()
     print_table(frame)
+    echo_engine(result.engine, result.engine_reason)
     save_figure(count_curve_figure(result) if figure else None, figure)
     save_table(frame if table_path else None, table_path)
 
@@ -258,6 +259,8 @@ def contributions(setup: Setup, estimator: Estimator, top: int, figure: Optional
     positions = result.row(0).image_positions
     frame = pd.DataFrame({"pos": positions.tolist(), "token": [tokens[p] for p in positions.tolist()], "delta loss": delta.tolist()})
     print_table(frame.reindex(frame["delta loss"].abs().sort_values(ascending=False).index).head(top))
+    if estimator == "drop":
+        echo_engine(result.engine, result.engine_reason)
     if figure:
         from vlens.viz.report import _span_slice
 
@@ -270,3 +273,6 @@ def contributions(setup: Setup, estimator: Estimator, top: int, figure: Optional
     save_table(result.to_frame() if table_path else None, table_path)
 
 
+def echo_engine(engine: Optional[str], reason: str) -> None:
+    """Say (on stderr, beside the table) which token-removal engine ran, and why not kv."""
+    click.echo(f"token removal: {engine} engine" + (f" ({reason})" if reason else ""), err=True)

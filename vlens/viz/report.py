@@ -497,9 +497,16 @@ def _count_section(ctx: _Context) -> Section:
         "Loss on the answer when only the first n visual tokens are kept (the rest removed).",
         fig_id="fig-count-curve",
     )
+    body += engine_note(result.engine, result.engine_reason)
     frame = result.to_frame()
     body += data_table(frame, max_rows=20)
     return Section("count", "Loss vs number of visual tokens", body, tables={"count_curve": frame})
+
+
+def engine_note(engine: Optional[str], reason: str) -> str:
+    """The token-removal engine a result ran on, and why not ``kv`` (e.g. a prefix-LM)."""
+    why = f": {reason}" if reason else ""
+    return f"<p>Token removal ran on the <code>{esc(engine)}</code> engine{esc(why)} (the losses are exact either way).</p>"
 
 
 @_guarded("contributions", "Contribution of each visual token")
@@ -515,6 +522,7 @@ def _contribution_section(ctx: _Context) -> Section:
         "Red: removing the token raises the answer's loss (the token helps); blue: it lowers it.",
         fig_id="fig-contributions",
     )
+    body += engine_note(batched.engine, batched.engine_reason)
     if ctx.span.grid is None:
         body += figure_block(
             figure_png(bar_figure(list(ctx.span.labels), values, ylabel="delta loss (nats)", title="per query token")),
