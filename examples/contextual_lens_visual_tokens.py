@@ -44,7 +44,7 @@ from vlens import analysis as va  # noqa: E402
 from vlens import viz  # noqa: E402
 from vlens.analysis.lens import word_forms  # noqa: E402
 from vlens.data import CAPTION_QUESTION, Scene  # noqa: E402
-from vlens.viz.causal import contextual_panel  # noqa: E402
+from vlens.viz.pruning import contextual_panel  # noqa: E402
 
 K = 5
 N_PERMUTATIONS = 1000

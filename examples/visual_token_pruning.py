@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from examples import _common as common  # noqa: E402
 from vlens import analysis as va  # noqa: E402
 from vlens.data import Scene  # noqa: E402
-from vlens.viz.causal import pruning_figure  # noqa: E402
+from vlens.viz.pruning import pruning_figure  # noqa: E402
 
 LAYER = 2
 KEEP = 0.5

@@ -75,7 +75,7 @@ def test_report(runner, llava_dir, tmp_path):
     result = run(runner, "report", "--model", llava_dir, "--out", out, "--seed", 3, "--layers", "0,2")
     assert result.exit_code == 0, result.output
     assert f"report written to {out / 'report.html'}" in result.stdout
-    assert "[1/8] logit lens" in result.stderr and "done in" in result.stderr  # progress goes to stderr
+    assert "[1/10] logit lens" in result.stderr and "done in" in result.stderr  # progress goes to stderr
     html = (out / "report.html").read_text(encoding="utf-8")
     assert "generated scene (seed 3)" in html and "model&#x27;s greedy answer" in html
     assert 'id="vlens-attn-L0-heads"' in html and 'id="vlens-attn-L2-heads"' in html

@@ -13,7 +13,10 @@ from tests.tiny.families import FAMILY_BUILDERS
 from vlens import HookedVLM
 from vlens.viz.report import build_report, count_grid, report_inputs
 
-SECTIONS = ["input", "lens", "similarity", "attention", "patterns", "count", "contributions", "pruning", "contextual_lens"]
+SECTIONS = [
+    "input", "lens", "similarity", "attention", "patterns", "count", "contributions", "knockout", "patching",
+    "pruning", "contextual_lens",
+]
 
 
 @pytest.fixture(scope="module")

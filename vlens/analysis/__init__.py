@@ -15,7 +15,21 @@ activations has one reduction, which its cache form and its stream (``Similarity
 ``AttentionStream``, ``LensStream``; see :mod:`vlens.analysis.streaming`) share.
 """
 
-from vlens.analysis import attention, contextual, dependence, knockout, lens, pruning, similarity, streaming, tokens
+from vlens.analysis import (
+    attention,
+    attribution,
+    contextual,
+    dependence,
+    flow_knockout,
+    knockout,
+    lens,
+    patching,
+    pruning,
+    similarity,
+    streaming,
+    tokens,
+)
+from vlens.analysis._spans import grid_cells
 from vlens.analysis.attention import (
     AttentionResult,
     AttentionStats,
@@ -24,15 +38,30 @@ from vlens.analysis.attention import (
     attention_to_image,
     find_sink_tokens,
 )
+from vlens.analysis.attribution import AttributionResult, attribution_patching, rank_agreement
 from vlens.analysis.contextual import ContextualLensResult, contextual_lens
 from vlens.analysis.dependence import PromptDependenceResult, prompt_dependence
+from vlens.analysis.flow_knockout import KnockoutResult, attention_knockout, layer_windows
 from vlens.analysis.lens import LensResult, LensStats, LensStream, logit_lens
+from vlens.analysis.patching import PatchingResult, activation_patching
 from vlens.analysis.pruning import PruningResult, prune_visual_tokens
 from vlens.analysis.similarity import SimilarityResult, SimilarityStream, modality_similarity
 from vlens.analysis.streaming import CurveStats, Stream, run_streams
 from vlens.analysis.tokens import ContributionResult, CountCurveResult, token_contributions, token_count_curve
 
 __all__ = [
+    "AttributionResult",
+    "KnockoutResult",
+    "PatchingResult",
+    "activation_patching",
+    "attention_knockout",
+    "attribution",
+    "attribution_patching",
+    "flow_knockout",
+    "grid_cells",
+    "layer_windows",
+    "patching",
+    "rank_agreement",
     "AttentionResult",
     "AttentionStats",
     "AttentionStream",

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import click
 
-from vlens.cli import pruning, single
+from vlens.cli import causal, pruning, single
 from vlens.cli._common import Group
 from vlens.cli.convert import convert_group
 from vlens.cli.info import info
@@ -42,7 +42,8 @@ def main(debug: bool) -> None:
 
 
 for _command in (single.report, info, single.lens, single.similarity, single.attention, single.count_curve,
-                 single.contributions, pruning.prune, pruning.contextual_lens, sweep_command, convert_group):
+                 single.contributions, causal.knockout, causal.patching, causal.attribution, pruning.prune,
+                 pruning.contextual_lens, sweep_command, convert_group):
     main.add_command(_command)
 del _command
 

@@ -61,7 +61,7 @@ def prune(setup: Setup, layers: list[int], keep: list[float], rankings: list[str
       vlens prune --layers 1,2,4 --keep 0.1,0.5 --rankings attention,random,contribution --figure prune.png
     """
     from vlens.analysis import prune_visual_tokens
-    from vlens.viz.causal import pruning_figure, pruning_summary
+    from vlens.viz.pruning import pruning_figure, pruning_summary
 
     result = prune_visual_tokens(setup.model, setup.inputs, layers=layers, keep=keep, rankings=rankings)
     say(f"unpruned answer loss {float(result.full_loss[0]):.4f}, exact match {bool(result.full_exact[0])}")
@@ -94,8 +94,8 @@ def contextual_lens(setup: Setup, contexts_path: Optional[str], layers: Optional
     import torch
 
     from vlens import analysis as va
-    from vlens.viz.causal import contextual_panel, contextual_summary
     from vlens.viz.lens_panel import decoder
+    from vlens.viz.pruning import contextual_panel, contextual_summary
 
     if contexts_path is None:
         contexts = va.contextual.scene_captions()

@@ -388,6 +388,52 @@ class VisualTokenPruning(SweepAnalysis):
         return 4 * len(self.rankings) * seq * int(model.cfg.d_model) * 4
 
 
+class AttentionKnockout(SweepAnalysis):
+    """The answer's log-probability with ``query -> key`` attention blocked over windows of layers:
+    :func:`vlens.analysis.attention_knockout` (spans by name; its kv engine where the family allows it).
+
+    Columns: ``attention_knockout.delta_logprob`` (one per window; NaN without an answer),
+    ``attention_knockout.window_start`` and ``attention_knockout.window_size`` (the windows),
+    ``attention_knockout.engine``.
+    """
+
+    name = "attention_knockout"
+    layer_axis = None
+
+    def __init__(self, query: str = "predictor", key: str = "image", sizes: Sequence[int] = (1,), stream: bool = True) -> None:
+        super().__init__(stream)
+        from vlens.analysis._spans import SPAN_NAMES
+
+        for what, value in (("query", query), ("key", key)):
+            if value not in SPAN_NAMES:
+                raise AnalysisInputError(f"{self.name}: {what} {value!r} is not a span name; choose from {list(SPAN_NAMES)}")
+        self.query, self.key, self.sizes = query, key, tuple(int(s) for s in sizes)
+
+    def params(self) -> dict[str, Any]:
+        return {"query": self.query, "key": self.key, "sizes": list(self.sizes)}
+
+    def rows(self, model: "HookedVLM", batch: Batch) -> list[dict[str, Any]]:
+        from vlens.analysis.flow_knockout import attention_knockout, layer_windows
+
+        windows = layer_windows(model.n_layers, self.sizes)
+        out = [{f"{self.name}.delta_logprob": [math.nan] * len(windows), f"{self.name}.window_start": [w[0] for w in windows],
+                f"{self.name}.window_size": [w[1] for w in windows], f"{self.name}.engine": None} for _ in range(batch.size)]
+        layout = batch.layout
+        answered = [r for r in range(batch.size) if bool(layout.answer_mask[r].any())]
+        if not answered:
+            return out
+        inputs = batch.inputs if len(answered) == batch.size else _rows_of(model, batch.inputs, answered)
+        result = attention_knockout(model, inputs, self.query, self.key, windows=windows)
+        for i, r in enumerate(answered):
+            out[r][f"{self.name}.delta_logprob"] = _floats(result.delta_logprob[i])
+            out[r][f"{self.name}.engine"] = result.engine
+        return out
+
+    def activation_bytes(self, model: "HookedVLM", batch: int, seq: int, n_image: int) -> int:
+        d = int(model.cfg.d_model)
+        return 16 * (4 * seq * d + seq * seq) + 4 * seq * int(model.cfg.d_vocab)
+
+
 def _rows_of(model: "HookedVLM", inputs: "VLMInputs", rows: list[int]) -> "VLMInputs":
     """Some rows of a batch, prepared again from the texts the processor saw."""
     return model.prepare(
@@ -399,7 +445,9 @@ def _rows_of(model: "HookedVLM", inputs: "VLMInputs", rows: list[int]) -> "VLMIn
 
 
 ANALYSES: dict[str, type[SweepAnalysis]] = {
-    cls.name: cls for cls in (ModalitySimilarity, AttentionToImage, LogitLens, TokenCountCurve, VisualTokenPruning)
+    cls.name: cls for cls in (
+        ModalitySimilarity, AttentionToImage, LogitLens, TokenCountCurve, VisualTokenPruning, AttentionKnockout,
+    )
 }
 if tuple(ANALYSES) != ANALYSIS_NAMES:  # the catalog the CLI reads must name exactly these
     raise ImportError(f"vlens.sweep.catalog lists {ANALYSIS_NAMES}, the registry has {tuple(ANALYSES)}")

@@ -6,5 +6,6 @@ checks the two agree.
 
 ANALYSIS_NAMES: tuple[str, ...] = (
     "modality_similarity", "attention_to_image", "logit_lens", "token_count_curve", "prune_visual_tokens",
+    "attention_knockout",
 )
 DEFAULT_ANALYSES: tuple[str, ...] = ("modality_similarity", "attention_to_image", "logit_lens")

@@ -200,8 +200,10 @@ def build_report(
         ("loss vs visual-token count", _count_section),
         ("visual-token contributions", _contribution_section),
     ]
+    from vlens.viz.report_causal import causal_steps  # imports this module: load it late
     from vlens.viz.report_pruning import SECTIONS  # it imports this module's Section and _guarded
 
+    steps += causal_steps()
     steps += list(SECTIONS)
     for i, (name, build) in enumerate(steps, 1):
         say(f"[{i}/{len(steps)}] {name}")

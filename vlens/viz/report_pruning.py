@@ -13,7 +13,7 @@ import torch
 
 from vlens import analysis as va
 from vlens.viz._html import data_table, figure_block, figure_png
-from vlens.viz.causal import contextual_panel, contextual_summary, pruning_figure, pruning_summary
+from vlens.viz.pruning import contextual_panel, contextual_summary, pruning_figure, pruning_summary
 from vlens.viz.report import Section, _guarded
 
 if TYPE_CHECKING:
