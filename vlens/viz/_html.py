@@ -165,7 +165,7 @@ def page(title: str, body: str, head_extra: str = "") -> str:
     )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class HTMLView:
     """An HTML view: a fragment plus whatever inline scripts it needs, once.
 
@@ -199,8 +199,38 @@ class HTMLView:
         return path
 
     def _repr_html_(self) -> str:
-        # Notebooks: inline everything, never fall back to a CDN (as circuitsvis does when online).
-        return self.head() + self.fragment
+        # Notebooks: never a CDN (as circuitsvis does when online); the bundle goes into the
+        # notebook once per kernel, with the first view that needs it (see vlens.viz._circuitsvis).
+        if not self.needs_circuitsvis:
+            return self.fragment
+        from vlens.viz._circuitsvis import NOTEBOOK_BUNDLE
+
+        return NOTEBOOK_BUNDLE.head() + self.fragment
+
+    def __repr__(self) -> str:
+        kind = ", CircuitsVis" if self.needs_circuitsvis else ""
+        return f"HTMLView({self.title!r}, {len(self.fragment) / 1000:.1f} kB of HTML{kind}; shown as HTML in a notebook, .save(path) for a page)"
 
     def __add__(self, other: "HTMLView") -> "HTMLView":
+        """Both views in one (a page or notebook output holds the bundle once)."""
         return HTMLView(self.fragment + other.fragment, self.needs_circuitsvis or other.needs_circuitsvis, self.title)
+
+
+class CircuitsVisLoader:
+    """Displayed in a notebook, loads the CircuitsVis bundle into the page (and counts as this
+    kernel's copy, so later views do not repeat it). Needed only after the output of the
+    kernel's first view was cleared; see :func:`vlens.viz.load_circuitsvis`."""
+
+    def _repr_html_(self) -> str:
+        from vlens.viz._circuitsvis import NOTEBOOK_BUNDLE, bundle_script
+
+        NOTEBOOK_BUNDLE.mark_loaded()
+        return bundle_script() + '<p class="caption">CircuitsVis bundle loaded.</p>'
+
+    def __repr__(self) -> str:
+        return "CircuitsVisLoader(): display it in a notebook to load the CircuitsVis bundle"
+
+
+def load_circuitsvis() -> CircuitsVisLoader:
+    """An object that, displayed in a notebook, puts the CircuitsVis bundle into the page."""
+    return CircuitsVisLoader()
