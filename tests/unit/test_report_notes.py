@@ -16,6 +16,7 @@ def test_contribution_notes_by_size_of_the_largest_effect():
     tiny = contribution_notes(torch.tensor([1e-3, -2e-3]), 0.002)[0]
     assert "Tiny effects" in tiny and "2.0e-03 nats" in tiny and f"{(math.exp(2e-3) - 1) * 100:.2f}%" in tiny
     assert contribution_notes(torch.tensor([0.05, -0.2]), 0.5) == []
+    assert "Tiny next to the loss" in contribution_notes(torch.tensor([0.02, -0.03]), 4.0)[0]
     assert contribution_notes(torch.tensor([float("nan")]), 0.5) == ["No finite contribution: nothing to show."]
     assert NOISE_NATS < TINY_NATS
 

@@ -22,6 +22,8 @@ NOISE_NATS = 1e-4
 # A loss change of 0.01 nats multiplies the answer's probability by exp(-0.01), i.e. changes it
 # by about 1%: below that, removing a token does not change what the model says.
 TINY_NATS = 0.01
+# An effect under 1% of the answer's loss is small next to what the answer costs anyway.
+RELATIVE_TINY = 0.01
 N_CONTROL_PERMUTATIONS = 200
 
 
@@ -121,7 +123,8 @@ def match_rate_notes(curves: dict[str, torch.Tensor], top1_words: Sequence[str],
 
 
 def contribution_notes(values: torch.Tensor, full_loss: float) -> list[str]:
-    """A caveat when the largest single-token effect is within numerical noise or tiny."""
+    """A caveat when the largest single-token effect is within numerical noise, tiny in absolute
+    terms (under ``TINY_NATS``), or tiny next to the full loss (under ``RELATIVE_TINY`` of it)."""
     finite = values[torch.isfinite(values)].abs()
     if finite.numel() == 0:
         return ["No finite contribution: nothing to show."]
@@ -137,5 +140,10 @@ def contribution_notes(values: torch.Tensor, full_loss: float) -> list[str]:
             f"Tiny effects: removing any single token changes the answer's loss by at most {largest:.1e} nats "
             f"(its probability by at most {change:.2f}%; full loss {full_loss:.3g} nats). Patterns at this scale "
             "(rows, stripes) say little about which tokens the answer uses; compare over many scenes."
+        ]
+    if largest < RELATIVE_TINY * full_loss:
+        return [
+            f"Tiny next to the loss: the largest single-token effect, {largest:.1e} nats, is under "
+            f"{RELATIVE_TINY:.0%} of the full answer loss ({full_loss:.3g} nats); no single token matters much here."
         ]
     return []
