@@ -213,6 +213,10 @@ def test_two_views_in_one_kernel_hold_the_bundle_once(monkeypatch):
     # The loader counts as the kernel's copy.
     shell["now"] = _FakeShell("kernel-c")
     assert load_circuitsvis()._repr_html_().count(marker) == 1 and marker not in first._repr_html_()
+    # Colab puts each output in its own iframe: there every view carries the bundle.
+    monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
+    assert second._repr_html_().count(marker) == 1
+    monkeypatch.delitem(sys.modules, "google.colab")
     # Outside a kernel every output is standalone; a page of both views holds the bundle once.
     shell["now"] = None
     assert first._repr_html_().count(marker) == 1

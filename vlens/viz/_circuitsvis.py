@@ -104,7 +104,8 @@ class _NotebookBundle:
         """The bundle for the first view a kernel displays, nothing for the later ones; the
         bundle every time outside IPython (the HTML is then likely to go into a page alone)."""
         key = _kernel_key()
-        if key is None:
+        # Colab renders every output in its own iframe: a later output cannot see the first one's bundle.
+        if key is None or "google.colab" in sys.modules:
             return bundle_script()
         if key in self._kernels:
             return ""
