@@ -43,6 +43,8 @@ from vlens import viz  # noqa: E402
 from vlens.data import Scene  # noqa: E402
 
 METHODS = ("drop", "gradient")
+# A contribution is the answer loss without the token minus the full loss.
+SIGN = "delta loss = loss without the token - full loss: > 0 the token helps, < 0 removing it lowers the loss"
 KINDS = ("asked-about object", "other objects", "background")
 
 
@@ -146,11 +148,14 @@ def describe(f: ContributionFinding) -> str:
         means = common.nanmean(f.kind_means(m), 0)
         obj, bg = f.object_and_background(m)
         n_pos, n, p = f.tests[m]
+        # The test is per scene (object mean - background mean > 0); the means over scenes can point
+        # the other way when a few scenes have large values, so both are printed, each with its sign.
         lines.append(
-            f"{m}: {common.verdict(f.reproduced_for(m))}: mean contribution of an object patch "
-            f"{common.nanmean(obj):+.4f} vs background {common.nanmean(bg):+.4f} (asked-about object {means[0]:+.4f}, "
-            f"other objects {means[1]:+.4f}); object > "
-            f"background in {n_pos}/{n} scenes, sign test p = {common.fmt_p(p)}"
+            f"{m}: {common.verdict(f.reproduced_for(m))}: an object patch costs more to remove than a background "
+            f"patch in {n_pos}/{n} scenes (per-scene object mean - background mean > 0; median difference "
+            f"{float(np.nanmedian(obj - bg)):+.1e} nats), sign test p = {common.fmt_p(p)}. Mean contribution "
+            f"({SIGN}) of an object patch {common.nanmean(obj):+.4f} vs background {common.nanmean(bg):+.4f} "
+            f"(asked-about object {means[0]:+.4f}, other objects {means[1]:+.4f})"
         )
     rho = f.spearman
     lines.append(f"drop vs gradient: per-scene Spearman correlation {np.mean(rho):+.3f} "
@@ -165,6 +170,7 @@ def main(argv: Optional[Sequence[str]] = None) -> ContributionFinding:
     common.announce("Each visual token's contribution to the answer loss", model, scenes)
     finding = measure(model, scenes, batch_size=args.batch_size)
     summary = finding.summary_frame()
+    print(f"mean contribution per patch kind ({SIGN}):")
     common.print_table(summary, "{:+.5f}")
     print("\n" + describe(finding))
 

@@ -193,8 +193,11 @@ def load_hf_model(
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": "eager"}
     if device_map is not None:
         kwargs["device_map"] = device_map
+    from vlens._quiet import weight_loading_bar
+
     try:
-        model = model_class.from_pretrained(source, **kwargs)
+        with weight_loading_bar(source):  # no progress bar for a checkpoint that loads in a blink
+            model = model_class.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as err:
         raise CheckpointNotFoundError(f"cannot load {model_class.__name__} weights from {source!r}: {err}") from None
     if device_map is None and device is not None:

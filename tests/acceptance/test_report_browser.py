@@ -3,7 +3,10 @@
 The generated ``report.html`` (and a standalone attention view) is opened from disk in a
 fresh profile with the network switched off. The test asserts that no request left the
 page, the console stayed free of errors, every figure decoded, and the CircuitsVis
-components rendered (their canvases drawn, their tokens shown as ``<img r,c>``).
+components rendered (their canvases drawn, their tokens shown as ``<img r,c>``); and, on
+the page as the browser built it, the facts ``report_facts`` checks on the HTML: the
+header's greedy answer is the model's own, the per-block maps share one colour scale with a
+colour bar, and no figure is empty without a visible note.
 
 Playwright is pointed at ``/usr/bin/chromium`` (installed by ``.ci/run``); it never
 downloads a browser of its own.
@@ -36,17 +39,27 @@ pytestmark = [
 
 
 @pytest.fixture(scope="module")
-def report_dir(tmp_path_factory):
+def model_dir():
+    """The toy model when it is shipped, else None (a tiny random LLaVA is built instead)."""
+    from vlens.zoo import toy_checkpoint_path
+
+    try:
+        return toy_checkpoint_path()
+    except FileNotFoundError:
+        return None
+
+
+@pytest.fixture(scope="module")
+def report_dir(tmp_path_factory, model_dir):
     """A report on the toy model when it is shipped, else on a tiny random LLaVA."""
     from click.testing import CliRunner
 
     from vlens.cli import main
-    from vlens.zoo import toy_checkpoint_path
 
     out = tmp_path_factory.mktemp("report")
-    try:
-        model = str(toy_checkpoint_path())
-    except FileNotFoundError:
+    if model_dir is not None:
+        model = str(model_dir)
+    else:
         from tests.tiny.llava import build_llava
 
         model = str(build_llava(tmp_path_factory.mktemp("llava64"), image_size=64, patch=8))
@@ -138,6 +151,28 @@ def test_report_renders_offline(report_dir, browser_context):
                     "contextual_lens"):
         assert page.locator(f"section#{section} > h2").count() == 1
     page.screenshot(path=str(report_dir / "report.png"), full_page=True)
+    page.close()
+
+
+def test_rendered_report_shows_the_answer_one_colour_scale_and_no_bare_empty_figure(report_dir, model_dir, browser_context):
+    from tests.acceptance import report_facts as facts
+
+    if model_dir is None:
+        pytest.skip("the toy model is not shipped: its greedy answer and scene are what this test checks")
+    from vlens.data import CAPTION_QUESTION, generate_scene
+
+    path = report_dir / "report" / "report.html"
+    page, log = open_offline(browser_context, path)
+    rendered = page.content()  # the DOM as Chromium built it
+    reference = facts.greedy_answer(model_dir, generate_scene(0).image, CAPTION_QUESTION)
+    shown = page.inner_text("#meta").splitlines()
+    assert f"model's greedy answer\t{reference}" in shown, shown
+    facts.assert_shared_colour_scale(rendered)
+    facts.assert_no_figure_empty_without_a_note(rendered, report_dir / "report" / "data")
+    # Each note is on screen, not merely in the markup.
+    for box in page.eval_on_selector_all(".fig-note", "els => els.map(e => e.getBoundingClientRect().height)"):
+        assert box > 0
+    assert log["blocked"] == [] and log["errors"] == []
     page.close()
 
 

@@ -81,3 +81,13 @@ def test_range_edges():
     tested = _compat.TestedRange("transformers", oldest="5.23.0", newest="5.24.0", below="5.25")
     assert tested.contains("5.23.0") and tested.contains("5.24.3")
     assert not tested.contains("5.22.2") and not tested.contains("5.25.0") and not tested.contains("5.25.0rc1")
+
+
+def test_every_extra_is_pinned_within_what_pyproject_asks():
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    pins = _pins()
+    for extra, reqs in extras.items():
+        for req in map(Requirement, reqs):
+            name = req.name.lower().replace("_", "-")
+            assert name in pins, f"constraints.txt pins no {name} ([{extra}] extra)"
+            assert Version(pins[name]) in req.specifier, (extra, name, pins[name], str(req.specifier))

@@ -60,10 +60,16 @@ def props_of(fragment: str, element_id: str) -> dict:
 
 def test_render_component_snapshot():
     html = render_component("ColoredTokens", "view-1", {"tokens": ["a", "&lt;img 0,0&gt;"], "values": [0.5, 1.0], "maxValue": None})
+    # The call waits for the bundle (it may come from an earlier notebook output) and says so if it never comes.
     assert html == (
         '<div id="view-1" class="circuitsvis" data-component="ColoredTokens"></div><script>\n'
+        '(function go(n) { if (window.CircuitsVis) { '
         'CircuitsVis.render("view-1", CircuitsVis.ColoredTokens, '
-        '{"tokens": ["a", "\\u0026lt;img 0,0\\u0026gt;"], "values": [0.5, 1.0]});\n</script>'
+        '{"tokens": ["a", "\\u0026lt;img 0,0\\u0026gt;"], "values": [0.5, 1.0]}); } '
+        'else if (n > 0) { setTimeout(function () { go(n - 1); }, 50); } '
+        'else { var el = document.getElementById("view-1"); if (el) el.textContent = "The CircuitsVis bundle is not '
+        'loaded in this page. In a notebook, the first vlens view of a kernel carries it: run that cell again, or '
+        'display vlens.viz.load_circuitsvis() above this view."; } })(200);\n</script>'
     )
     with pytest.raises(ValueError, match="element id"):
         render_component("ColoredTokens", "1 bad id", {})
@@ -173,3 +179,45 @@ def test_default_window_fits_the_render_budget():
     assert len(two["tokens"]) < n
     wide = props_of(attention_view(cache, tokens, layers=[1], heads=[0], max_tokens=90).fragment, "vlens-attn-L1-heads")
     assert len(wide["tokens"]) == 90
+
+
+class _FakeShell:
+    """What IPython.get_ipython() returns inside a kernel: a shell whose kernel has a session id."""
+
+    def __init__(self, session: str) -> None:
+        self.kernel = type("Kernel", (), {"session": type("Session", (), {"session": session})()})()
+
+
+def test_two_views_in_one_kernel_hold_the_bundle_once(monkeypatch):
+    import sys
+    import types
+
+    from vlens.viz import _circuitsvis, load_circuitsvis
+
+    layout = layout_of(prefix=2, rows=2, cols=2, instr=3)
+    tokens = tokens_of(layout)
+    pattern = causal_patterns(1, 2, len(tokens))[0, 0]
+    first = attention_heads_view(pattern, tokens, element_id="first")
+    second = attention_heads_view(pattern, tokens, element_id="second")
+    shell = {"now": _FakeShell("kernel-a")}
+    monkeypatch.setitem(sys.modules, "IPython", types.SimpleNamespace(get_ipython=lambda: shell["now"]))
+    monkeypatch.setattr(_circuitsvis, "NOTEBOOK_BUNDLE", _circuitsvis._NotebookBundle())
+    marker = 'data-vlens="circuitsvis-bundle"'
+    outputs = [first._repr_html_(), second._repr_html_(), first._repr_html_()]
+    assert [o.count(marker) for o in outputs] == [1, 0, 0]
+    assert all("CircuitsVis.render(" in o for o in outputs)
+    assert len(outputs[1]) < 100_000 < len(outputs[0])  # the later output holds only its own markup
+    # A new kernel (a restart) gets the bundle again, with its first view.
+    shell["now"] = _FakeShell("kernel-b")
+    assert second._repr_html_().count(marker) == 1
+    # The loader counts as the kernel's copy.
+    shell["now"] = _FakeShell("kernel-c")
+    assert load_circuitsvis()._repr_html_().count(marker) == 1 and marker not in first._repr_html_()
+    # Colab puts each output in its own iframe: there every view carries the bundle.
+    monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
+    assert second._repr_html_().count(marker) == 1
+    monkeypatch.delitem(sys.modules, "google.colab")
+    # Outside a kernel every output is standalone; a page of both views holds the bundle once.
+    shell["now"] = None
+    assert first._repr_html_().count(marker) == 1
+    assert (first + second).to_html().count(marker) == 1

@@ -184,14 +184,11 @@ class Setup:
         """Expected colour word per image token of the generated scene (None elsewhere)."""
         if self.scene is None:
             return None
-        span = self.inputs.layout.images[0][0]
-        labels = self.scene.patch_labels
-        if span.grid is None or tuple(span.grid) != tuple(labels.shape):
+        from vlens.data.ground_truth import token_words
+
+        out = token_words(self.scene, self.inputs.layout.images[0][0], "colour")
+        if out is None:
             return None
-        out = []
-        for (r, c), ok in zip(span.row_col.tolist(), span.on_grid.tolist()):
-            idx = int(labels[r, c]) if ok else -1
-            out.append(self.scene.objects[idx].colour if idx >= 0 else None)
         # A colour word the vocabulary lacks cannot be a label: say so, and leave those tokens unlabelled.
         from vlens.analysis.lens import label_id
 

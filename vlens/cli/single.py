@@ -69,7 +69,8 @@ def report(setup: Setup, out: str, table_format: DataFormat, attention_layers: O
         say("generating the model's own answer for comparison ...")
         meta["model's greedy answer"] = setup.model.generate(setup.model.prepare(setup.image, setup.prompt),
                                                              max_new_tokens=20).text[0]
-    result = build_report(setup.model, setup.inputs, lens_labels=setup.lens_labels(),
+    # A generated scene labels the lens's image tokens with its per-patch ground truth (the report says so).
+    result = build_report(setup.model, setup.inputs, scene=setup.scene,
                           attention_layers=attention_layers, meta=meta, progress=say)
     written = result.write(out, data_format=table_format)
     for title, problem in result.problems.items():
@@ -102,6 +103,10 @@ def lens(setup: Setup, layers: Optional[list[int]], k: int, figure: Optional[str
     from vlens.viz.lens_panel import decoder, lens_grid, lens_panel
 
     labels = setup.lens_label_ids()
+    if labels is not None:
+        from vlens.data.ground_truth import describe_labels
+
+        say("match rate: labels are " + describe_labels("colour", int((labels >= 0).sum()), labels.numel()))
     stream = LensStream(setup.model, positions="image", k=k, layers=layers,
                         labels=None if labels is None else (lambda _inputs, _row: labels))
     setup.run(stream)

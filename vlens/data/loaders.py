@@ -446,8 +446,10 @@ def load_hf_dataset(
         image_column: Column of images (``Image`` feature, PIL images or paths).
         prompt_column: Column of prompts; or give one ``prompt`` for every example.
         prompt: The prompt of every example when there is no prompt column.
-        answer_column, id_column, objects_column, boxes_column: Optional columns.
-            Ids default to the row index.
+        answer_column: Optional column of answers.
+        id_column: Optional column of ids (default: the row index).
+        objects_column: Optional column of object words.
+        boxes_column: Optional column of object boxes.
         skip_bad: Skip and report records with a missing prompt/id, a bad answer or
             labels, or a duplicate id (checked at load time; an image that fails to
             decode is reported when it is read).
@@ -554,7 +556,11 @@ def load_scenes(
     """The first ``n`` synthetic scenes of a split (see :func:`vlens.data.make_scenes`).
 
     Args:
-        n, seed, split, image_size, patch_size: As for ``make_scenes``.
+        n: Number of scenes (as for ``make_scenes``).
+        seed: Seed of the scene stream.
+        split: ``"train"`` or ``"heldout"``.
+        image_size: Side of the scenes in pixels.
+        patch_size: Side of a patch, for the per-patch ground truth.
         question: ``"caption"``: prompt ``CAPTION_QUESTION``, answer the caption; or a
             question kind (``"colour"``, ``"shape"``, ``"where"``, ``"count"``,
             ``"present"``): that question (the first of its kind) and its answer.

@@ -221,7 +221,9 @@ def run(
         skip_bad: Record examples whose image cannot be read as skipped (a row with an
             ``error``) instead of raising. Records the loader skipped are listed too.
         chat_template: Wrap prompts in the model's chat template.
-        device, dtype, device_map: Passed to ``HookedVLM.from_pretrained``.
+        device: Passed to ``HookedVLM.from_pretrained``.
+        dtype: Passed to ``HookedVLM.from_pretrained``.
+        device_map: Passed to ``HookedVLM.from_pretrained``.
         memory_budget: Bytes (or ``"6GB"``, or ``"off"``) the estimated peak may use;
             default: the loaded weights plus the memory available on the device.
         progress: Show a progress bar with the time left (main process only).

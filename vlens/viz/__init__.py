@@ -6,7 +6,7 @@ matplotlib figures and have no side effects: no printing, no network, no global 
 package, never fetched).
 """
 
-from vlens.viz._html import HTMLView, figure_png
+from vlens.viz._html import HTMLView, figure_png, load_circuitsvis
 from vlens.viz.attention import attention_heads_view, attention_view, choose_window
 from vlens.viz.curves import (
     attention_mass_figure,
@@ -36,6 +36,7 @@ __all__ = [
     "layer_curve",
     "lens_grid",
     "lens_panel",
+    "load_circuitsvis",
     "model_view_image",
     "overlay",
     "report_inputs",

@@ -14,7 +14,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -36,6 +36,7 @@ table.data td.l, table.data th.l { text-align: left; }
 figure { margin: .8em 0; }
 figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
 figcaption { font-size: .88em; color: #555; }
+p.guide { font-size: .88em; color: #333; margin: .3em 0; }
 .note { background: #fff6d6; border-left: 4px solid #e0b000; padding: .5em .8em; margin: .8em 0; }
 .error { background: #fde8e8; border-left: 4px solid #c62828; padding: .5em .8em; margin: .8em 0; }
 .tokens span.tok { display: inline-block; border: 1px solid #ddd; margin: 1px; padding: 0 3px; font-size: .85em;
@@ -101,9 +102,35 @@ def img_tag(png: bytes, alt: str, css_class: str = "figure") -> str:
     return f'<img class="{esc(css_class)}" alt="{esc(alt)}" src="{png_data_uri(png)}">'
 
 
-def figure_block(png: bytes, caption: str, alt: Optional[str] = None, fig_id: Optional[str] = None) -> str:
+def figure_block(
+    png: bytes,
+    caption: str,
+    alt: Optional[str] = None,
+    fig_id: Optional[str] = None,
+    *,
+    guide: Optional[str] = None,
+    notes: Sequence[str] = (),
+    data: Optional[Mapping[str, str]] = None,
+) -> str:
+    """A ``<figure>``: the PNG, its caption, and optionally a reading guide and notes.
+
+    Args:
+        png: The figure's PNG bytes.
+        caption: What the figure shows.
+        alt: Alternative text (default: the caption).
+        fig_id: Element id.
+        guide: One line: what to look for, and what the study found (``p.guide``).
+        notes: Caveats shown on the figure (``div.note.fig-note``): e.g. that every value
+            is zero, or within numerical noise.
+        data: Extra ``data-*`` attributes (e.g. ``{"table": "lens_match_rate"}``: the
+            data file behind the figure, which tests and readers can open).
+    """
     ident = f' id="{esc(fig_id)}"' if fig_id else ""
-    return f"<figure{ident}>{img_tag(png, alt or caption)}<figcaption>{esc(caption)}</figcaption></figure>"
+    attrs = "".join(f' data-{esc(k)}="{esc(v)}"' for k, v in (data or {}).items())
+    extra = "".join(f'<div class="note fig-note">{esc(n)}</div>' for n in notes)
+    if guide:
+        extra += f'<p class="guide">{esc(guide)}</p>'
+    return f"<figure{ident}{attrs}>{img_tag(png, alt or caption)}<figcaption>{esc(caption)}</figcaption>{extra}</figure>"
 
 
 def data_table(frame: Any, max_rows: int = 30, float_format: str = "{:.4g}") -> str:
@@ -138,7 +165,7 @@ def page(title: str, body: str, head_extra: str = "") -> str:
     )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class HTMLView:
     """An HTML view: a fragment plus whatever inline scripts it needs, once.
 
@@ -172,8 +199,38 @@ class HTMLView:
         return path
 
     def _repr_html_(self) -> str:
-        # Notebooks: inline everything, never fall back to a CDN (as circuitsvis does when online).
-        return self.head() + self.fragment
+        # Notebooks: never a CDN (as circuitsvis does when online); the bundle goes into the
+        # notebook once per kernel, with the first view that needs it (see vlens.viz._circuitsvis).
+        if not self.needs_circuitsvis:
+            return self.fragment
+        from vlens.viz._circuitsvis import NOTEBOOK_BUNDLE
+
+        return NOTEBOOK_BUNDLE.head() + self.fragment
+
+    def __repr__(self) -> str:
+        kind = ", CircuitsVis" if self.needs_circuitsvis else ""
+        return f"HTMLView({self.title!r}, {len(self.fragment) / 1000:.1f} kB of HTML{kind}; shown as HTML in a notebook, .save(path) for a page)"
 
     def __add__(self, other: "HTMLView") -> "HTMLView":
+        """Both views in one (a page or notebook output holds the bundle once)."""
         return HTMLView(self.fragment + other.fragment, self.needs_circuitsvis or other.needs_circuitsvis, self.title)
+
+
+class CircuitsVisLoader:
+    """Displayed in a notebook, loads the CircuitsVis bundle into the page (and counts as this
+    kernel's copy, so later views do not repeat it). Needed only after the output of the
+    kernel's first view was cleared; see :func:`vlens.viz.load_circuitsvis`."""
+
+    def _repr_html_(self) -> str:
+        from vlens.viz._circuitsvis import NOTEBOOK_BUNDLE, bundle_script
+
+        NOTEBOOK_BUNDLE.mark_loaded()
+        return bundle_script() + '<p class="caption">CircuitsVis bundle loaded.</p>'
+
+    def __repr__(self) -> str:
+        return "CircuitsVisLoader(): display it in a notebook to load the CircuitsVis bundle"
+
+
+def load_circuitsvis() -> CircuitsVisLoader:
+    """An object that, displayed in a notebook, puts the CircuitsVis bundle into the page."""
+    return CircuitsVisLoader()

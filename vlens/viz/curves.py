@@ -50,7 +50,10 @@ def layer_curve(
         curves: ``{name: values}`` with one value per layer each, or a single tensor.
         axis: ``"resid"`` (n_layers + 1 entries, index 0 = embeddings) or ``"block"``
             (one entry per transformer block).
-        ylabel, title, ylim: Labels and limits.
+        ylabel: Label of the y axis.
+        title: Axes title.
+        ylim: Limits of the y axis.
+        size: Figure size in inches.
     """
     if not isinstance(curves, Mapping):
         curves = {ylabel: curves}

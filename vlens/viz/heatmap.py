@@ -183,7 +183,10 @@ def image_heatmap(
             draws the map alone.
         title: Axes title.
         label: Colour-bar label.
-        cmap, vmin, vmax, alpha: Colour mapping and blending (see :func:`overlay`).
+        cmap: Colour map name.
+        vmin: Value at the bottom of the colour scale (default: the smallest).
+        vmax: Value at the top of the colour scale (default: the largest).
+        alpha: Opacity of the map over the image (see :func:`overlay`).
         size: Figure height in inches.
 
     Returns:

@@ -128,7 +128,8 @@ def lens_panel(
         result: A ``LensResult`` over (at least) the image's positions.
         layout: The batch's ``TokenLayout``.
         decode: The tokenizer (``model.tokenizer``) or a function id -> str.
-        row, image: Which example and image.
+        row: Which example of the batch.
+        image: Which image of the example.
         layers: Indices along the result's layer axis (default: up to ``max_layers``
             evenly spaced, embeddings and last layer included).
         ncols: Panels per figure row (default: one row for up to 4 panels, else 3).

@@ -27,7 +27,15 @@ import torch
 
 from vlens import analysis as va
 from vlens.analysis.lens import label_ids
+from vlens.viz._guide import FIGURE_GUIDE
 from vlens.viz._html import data_table, esc, figure_block, figure_png, page
+from vlens.viz._report_notes import (
+    LensLabels,
+    contribution_notes,
+    lens_labels_for,
+    match_rate_curves,
+    match_rate_notes,
+)
 from vlens.viz.attention import attention_view
 from vlens.viz.curves import attention_mass_figure, bar_figure, count_curve_figure, layer_curve, similarity_figure
 from vlens.viz.heatmap import heatmap_grid, image_heatmap, model_view_image
@@ -35,6 +43,7 @@ from vlens.viz.lens_panel import decoder, layer_labels, lens_grid, lens_panel, p
 
 if TYPE_CHECKING:
     from vlens.cache import VLMCache
+    from vlens.data import Scene
     from vlens.inputs import VLMInputs
     from vlens.model import HookedVLM
 
@@ -143,6 +152,7 @@ class _Context:
     image: PIL.Image.Image
     pattern_layers: list[int]
     results: dict[str, Any]  # stream name -> its per-example result, or the error it raised
+    labels: Optional[LensLabels] = None  # the lens's expected words, and where they came from
 
 
 def _silent(_: str) -> None:
@@ -158,6 +168,7 @@ def build_report(
     attention_layers: Optional[Sequence[int]] = None,
     meta: Optional[dict[str, Any]] = None,
     progress: Optional[Progress] = None,
+    scene: Optional["Scene"] = None,
 ) -> Report:
     """Run every analysis on a one-example batch and build the report.
 
@@ -166,11 +177,16 @@ def build_report(
         inputs: ``model.prepare(image, prompt, answer=...)`` for one example with an
             answer (the loss-based analyses score the answer).
         title: Page title.
-        lens_labels: Expected word per image token, for the lens's match rate.
+        lens_labels: Expected word per image token, for the lens's match rate (None: no
+            label). Default: from ``scene`` when it is given.
         attention_layers: Layers of the CircuitsVis view (default: all when the model
             has at most 4, else first, middle and last).
         meta: Extra facts for the header (model name, prompt source, ...).
         progress: Called with a message before each long step (the CLI prints them).
+        scene: The generated scene the image is (``vlens.data.generate_scene``): its per-patch
+            ground truth labels the lens's image tokens with their object's colour word
+            (and the shape word, a second curve) unless ``lens_labels`` is given. The report
+            says which labels it used.
     """
     say = progress or _silent
     if inputs.batch_size != 1:
@@ -178,6 +194,8 @@ def build_report(
 
         raise AnalysisInputError(f"the report covers one example; got a batch of {inputs.batch_size}")
     pattern_layers = pattern_layers_for(model, attention_layers)
+    labels = lens_labels_for(model.tokenizer, inputs.layout.images[0][0], lens_labels, scene)
+    lens_labels = None if labels is None else labels.words
     say("forward pass with the streams attached (lens, similarity, attention) and the viewed patterns cached")
     results, cache = activation_analyses(model, inputs, lens_labels, pattern_layers)
     span = inputs.layout.images[0][0]
@@ -190,6 +208,7 @@ def build_report(
         image=model_view_image(inputs, model.processor),
         pattern_layers=pattern_layers,
         results=results,
+        labels=labels,
     )
     sections = [_input_section(ctx)]
     steps: list[tuple[str, Callable[[_Context], Section]]] = [
@@ -217,6 +236,7 @@ def build_report(
         "prompt": inputs.prompts[0],
         "answer": inputs.answers[0],
         "image tokens": f"{span.n_tokens}" + (f" on a {span.grid[0]}x{span.grid[1]} grid" if span.grid else " (no grid)"),
+        "lens labels": "none given" if labels is None else labels.source,
     }
     facts.update(meta or {})
     return Report(title=title or f"vlens report: {model.name}", sections=tuple(sections), meta=facts)
@@ -372,7 +392,8 @@ def _input_section(ctx: _Context) -> Section:
 
     png = io.BytesIO()
     shown.save(png, format="PNG")
-    body = figure_block(png.getvalue(), "The image as the model saw it (after the processor's resize and crop).", fig_id="fig-input")
+    body = figure_block(png.getvalue(), "The image as the model saw it (after the processor's resize and crop).", fig_id="fig-input",
+                        guide=FIGURE_GUIDE["fig-input"])
     body += "<h3>Tokens</h3>" + _token_strip(ctx)
     body += '<p class="caption">Image tokens read <code>&lt;img r,c&gt;</code> (row, column on the patch grid) or <code>&lt;q k&gt;</code> (query token k of a connector that reads the image through learned queries); the answer is green.</p>'
     return Section("input", "Input", body, tables={"tokens": _tokens_frame(ctx)})
@@ -396,7 +417,7 @@ def _lens_section(ctx: _Context) -> Section:
     body = figure_block(
         figure_png(lens_panel(result, ctx.inputs.layout, model.tokenizer)),
         "Per layer, the top-1 word the logit lens reads from each visual token, laid out on the image grid.",
-        fig_id="fig-lens",
+        fig_id="fig-lens", guide=FIGURE_GUIDE["fig-lens"], data={"table": "lens"},
     )
     frame = batched.to_frame()
     ids = frame["token_id"].astype(int)
@@ -404,14 +425,23 @@ def _lens_section(ctx: _Context) -> Section:
     frame["token"] = ids.map(words)
     tables = {"lens": frame}
     layers = [int(l) for l in result.layers.tolist()]
-    if getattr(result, "match_rate", None) is not None and torch.isfinite(result.match_rate).any():
+    if ctx.labels is None:
+        body += ('<div class="note" id="lens-no-labels">No match-rate figure: no expected word per image token '
+                 "(pass <code>scene=</code> or <code>lens_labels=</code> to <code>build_report</code>; the CLI does "
+                 "for its generated scenes).</div>")
+    else:
+        curves, top1 = _lens_match_curves(ctx, batched)
+        body += f'<p class="caption" id="lens-labels">Labels: {esc(ctx.labels.source)}.</p>'
         body += figure_block(
-            figure_png(layer_curve({"match rate": result.match_rate}, ylabel=f"label in top-{batched.k}", ylim=(0, 1.02),
-                                   title="Logit-lens match rate of visual tokens")),
-            "Share of labelled visual tokens whose expected word is among the lens's top-k, per layer.",
-            fig_id="fig-lens-match",
+            figure_png(layer_curve(curves, ylabel=f"label in top-{batched.k}", ylim=(0, 1.02),
+                                   title="Logit-lens match rate of labelled visual tokens")),
+            f"Share of labelled visual tokens whose expected word is among the lens's top-{batched.k}, per layer; "
+            "the control shuffles the same labels across the labelled tokens.",
+            fig_id="fig-lens-match", guide=FIGURE_GUIDE["fig-lens-match"],
+            notes=match_rate_notes(curves, top1, batched.k), data={"table": "lens_match_rate"},
         )
-        tables["lens_match_rate"] = pd.DataFrame({"layer": layers, "match_rate": result.match_rate.tolist()})
+        columns = ["match_rate", "shape_match_rate", "control_match_rate"] if len(curves) == 3 else ["match_rate", "control_match_rate"]
+        tables["lens_match_rate"] = pd.DataFrame({"layer": layers, **{col: c.tolist() for col, c in zip(columns, curves.values())}})
     # Which words dominate, per layer: the most frequent top-1 words over the image tokens.
     _, word_grid, prob_grid, _, _ = lens_grid(result, ctx.inputs.layout, model.tokenizer)
     summary = []
@@ -427,6 +457,19 @@ def _lens_section(ctx: _Context) -> Section:
     return Section("lens", "Logit lens on visual tokens", body, tables=tables)
 
 
+def _lens_match_curves(ctx: _Context, batched: Any) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The match-rate curves of the report's labels, and the last layer's top-1 word at each
+    labelled token (for the note when the curves stay at 0)."""
+    assert ctx.labels is not None
+    in_span = {int(p): i for i, p in enumerate(ctx.span.positions.tolist())}
+    row = batched.row(0)
+    span_order = [in_span.get(int(p), -1) for p in row.positions.tolist()]
+    curves = match_rate_curves(batched, ctx.model.tokenizer, ctx.labels, span_order)
+    decode = decoder(ctx.model.tokenizer)
+    top1 = [decode(int(row.top_ids[-1, j, 0])) for j, i in enumerate(span_order) if i >= 0 and ctx.labels.words[i] is not None]
+    return curves, top1
+
+
 @_guarded("similarity", "Visual vs text similarity per layer")
 def _similarity_section(ctx: _Context) -> Section:
     batched = _result(ctx, "similarity")
@@ -434,15 +477,17 @@ def _similarity_section(ctx: _Context) -> Section:
     body = figure_block(
         figure_png(similarity_figure(batched)),
         "Mean cosine similarity of visual-token states to the instruction's text states, per layer (emb = input embeddings).",
-        fig_id="fig-similarity",
+        fig_id="fig-similarity", guide=FIGURE_GUIDE["fig-similarity"], data={"table": "similarity_curve"},
     )
     per_token = _span_slice(result.per_token, result.image_positions, ctx.span)
     chosen = pick_layers(per_token.shape[0], 6)
     panels = [(layer_labels(per_token.shape[0], [l])[0], per_token[l]) for l in chosen]
     body += figure_block(
         figure_png(heatmap_grid(panels, ctx.span, ctx.image, label="cosine to text", cmap="coolwarm")),
-        "Per visual token: its similarity to the text, on the image.",
-        fig_id="fig-similarity-map",
+        "Per visual token: its similarity to the text, on the image; one colour scale shared by every panel "
+        "(the colour bar).",
+        fig_id="fig-similarity-map", guide=FIGURE_GUIDE["fig-similarity-map"],
+        data={"table": "similarity", "colour-scale": "shared"},
     )
     return Section("similarity", "Visual vs text similarity per layer", body,
                    tables={"similarity": batched.to_frame(), "similarity_curve": batched.curve_frame()})
@@ -455,16 +500,17 @@ def _attention_section(ctx: _Context) -> Section:
     body = figure_block(
         figure_png(attention_mass_figure(batched)),
         "Share of the instruction tokens' attention that lands on image tokens, per block and head.",
-        fig_id="fig-attention-mass",
+        fig_id="fig-attention-mass", guide=FIGURE_GUIDE["fig-attention-mass"], data={"table": "attention_mass"},
     )
     received = _span_slice(result.received, result.image_positions, ctx.span)
     chosen = pick_layers(received.shape[0], 6)
     panels = [(f"block {l}", received[l]) for l in chosen]
     body += figure_block(
-        figure_png(heatmap_grid(panels, ctx.span, ctx.image, label="attention received", shared_range=False)),
+        figure_png(heatmap_grid(panels, ctx.span, ctx.image, label="attention received", shared_range=True)),
         "Attention each image token receives from the instruction (mean over heads and queries), per block; "
-        "each panel has its own colour scale (the values are in the data files).",
-        fig_id="fig-attention-received",
+        "one colour scale shared by every panel (the colour bar), so blocks compare directly.",
+        fig_id="fig-attention-received", guide=FIGURE_GUIDE["fig-attention-received"],
+        data={"table": "attention_received", "colour-scale": "shared"},
     )
     tables = {"attention_mass": batched.to_frame(), "attention_received": batched.received_frame()}
     return Section("attention", "Attention from text to the image", body, tables=tables)
@@ -478,6 +524,7 @@ def _patterns_section(ctx: _Context) -> Section:
         '<p class="caption">CircuitsVis attention heads (hover a thumbnail to zoom, click to lock). '
         "Queries and keys are the same window of tokens; for long inputs the window is the text plus "
         "the image tokens the text attends to most. Below each: tokens coloured by the last token's attention.</p>"
+        f'<p class="guide">{esc(FIGURE_GUIDE["patterns"])}</p>'
     )
     return Section("patterns", "Attention patterns", intro + view.fragment, needs_circuitsvis=True)
 
@@ -497,7 +544,7 @@ def _count_section(ctx: _Context) -> Section:
     body = figure_block(
         figure_png(count_curve_figure(result)),
         "Loss on the answer when only the first n visual tokens are kept (the rest removed).",
-        fig_id="fig-count-curve",
+        fig_id="fig-count-curve", guide=FIGURE_GUIDE["fig-count-curve"], data={"table": "count_curve"},
     )
     body += engine_note(result.engine, result.engine_reason)
     frame = result.to_frame()
@@ -518,20 +565,43 @@ def _contribution_section(ctx: _Context) -> Section:
     values = _span_slice(result.delta_loss.float(), result.image_positions, ctx.span)
     finite = values[torch.isfinite(values)]
     bound = float(finite.abs().max()) if finite.numel() else 1.0
-    body = figure_block(
+    full_loss = float(result.full_loss)
+    body = f'<p class="caption" id="sign-convention">{esc(SIGN_CONVENTION)} Full answer loss: {full_loss:.4g} nats.</p>'
+    body += figure_block(
         figure_png(image_heatmap(values, ctx.span, ctx.image, title="loss without the token - full loss",
-                                 label="delta loss (nats)", cmap="RdBu_r", vmin=-bound, vmax=bound)),
-        "Red: removing the token raises the answer's loss (the token helps); blue: it lowers it.",
-        fig_id="fig-contributions",
+                                 label="delta loss (nats; > 0: the token helps)", cmap="RdBu_r", vmin=-bound, vmax=bound)),
+        "Red (> 0): removing the token raises the answer's loss, so the token helps; blue (< 0): removing it "
+        "lowers the loss.",
+        fig_id="fig-contributions", guide=FIGURE_GUIDE["fig-contributions"],
+        notes=contribution_notes(values, full_loss), data={"table": "contributions"},
     )
     body += engine_note(batched.engine, batched.engine_reason)
     if ctx.span.grid is None:
         body += figure_block(
-            figure_png(bar_figure(list(ctx.span.labels), values, ylabel="delta loss (nats)", title="per query token")),
-            f"One bar per token ({ctx.span.tokens_name}).",
-            fig_id="fig-contributions-bar",
+            figure_png(bar_figure(list(ctx.span.labels), values, ylabel="delta loss (nats; > 0: helps)", title="per query token")),
+            f"One bar per token ({ctx.span.tokens_name}); > 0: removing the token raises the loss (it helps).",
+            fig_id="fig-contributions-bar", guide=FIGURE_GUIDE["fig-contributions-bar"],
+            notes=contribution_notes(values, full_loss), data={"table": "contributions"},
         )
+    top = _top_contributions(ctx, values)
+    body += "<h3>Largest effects</h3>" + data_table(top)
     return Section("contributions", "Contribution of each visual token", body, tables={"contributions": batched.to_frame()})
+
+
+SIGN_CONVENTION = (
+    "Sign convention: delta loss = answer loss without the token minus the full loss; positive = the token helps "
+    "(removing it raises the loss), negative = removing it lowers the loss."
+)
+
+
+def _top_contributions(ctx: _Context, values: torch.Tensor, n: int = 8) -> pd.DataFrame:
+    """The tokens with the largest effects either way, each with what its sign means."""
+    tokens = [ctx.tokens[int(p)] for p in ctx.span.positions.tolist()]
+    frame = pd.DataFrame({"token": tokens, "delta loss (nats)": values.tolist()})
+    frame = frame.reindex(frame["delta loss (nats)"].abs().sort_values(ascending=False).index).head(n)
+    frame["meaning"] = ["helps (removing it raises the loss)" if v > 0 else "removing it lowers the loss" if v < 0 else "no effect"
+                        for v in frame["delta loss (nats)"]]
+    return frame
 
 
 def report_inputs(model: "HookedVLM", image: Any, prompt: str, answer: Optional[str] = None, max_new_tokens: int = 20) -> tuple[Any, dict[str, Any]]:
