@@ -52,6 +52,11 @@ class AnalysisInputError(VLensError, ValueError):
     """An analysis was given arguments it cannot work with."""
 
 
+class AnalysisUndefinedError(AnalysisInputError):
+    """An analysis is not defined for this model (its architecture leaves the quantity without
+    a meaning), whatever the arguments; the report shows the reason instead of a failure."""
+
+
 def closest(name: str, candidates: Iterable[str], n: int = 5) -> list[str]:
     """The candidates that look most like ``name``, for 'did you mean' messages."""
     pool = list(candidates)

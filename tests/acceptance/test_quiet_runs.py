@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 # What vlens itself says on stderr during these runs.
-OWN = ("loading model ", "loaded ", "generating the model's", "forward pass with the streams", "[", "report written")
+OWN = ("loading model ", "loaded ", "token removal: ", "generating the model's", "forward pass with the streams", "[", "report written")
 NOISE = ("warning", "deprecat", "loading weights", "it/s", "falling back", "torchvision", "[transformers]")
 
 

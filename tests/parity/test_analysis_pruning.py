@@ -301,3 +301,14 @@ def test_the_shortening_hooks_keeping_every_token_change_nothing(tiny, case):
                 both, _ = tiny.model.run_language_model(problem.embeds[None], problem.positions[None],
                                                         attention_mask=ones, extras=extras)
             assert both.shape[0] == 2 and (both - full).abs().max() <= TOL, k
+
+
+def test_pruning_is_undefined_where_the_language_model_adds_features_between_layers(tmp_path_factory, photo):
+    """Qwen3-VL's DeepStack adds features to the image positions between decoder layers, which
+    tokens dropped inside the stack cannot take along: pruning says so instead of running."""
+    from vlens.errors import AnalysisUndefinedError
+
+    tiny = ref.load_tiny("qwen3_vl", tmp_path_factory.mktemp("qwen3_vl"))
+    inputs = tiny.model.prepare(photo, "what is in the image ?", answer="a red circle .")
+    with pytest.raises(AnalysisUndefinedError, match="deepstack_visual_embeds"):
+        va.prune_visual_tokens(tiny.model, inputs, layers=[1], keep=[0.5])

@@ -30,7 +30,10 @@ from vlens.errors import AnalysisInputError
 TOL = 1e-4
 PROMPT = "what is in the image ?"
 ANSWER = "a red circle ."
-FAMILIES = ["llava", "blip2", "instructblip", "gemma3", "paligemma", "mistral3"]
+FAMILIES = ["llava", "blip2", "instructblip", "gemma3", "paligemma", "mistral3", "qwen2_vl", "qwen3_vl"]
+# Families whose attention hands no pre-softmax scores to a hook (BLIP-2's OPT; the Qwen-VL
+# attention, Hugging Face's own module hooked after the fact): the eager mask is edited.
+MASK_ROUTE = {"blip2", "qwen2_vl", "qwen3_vl"}
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -105,7 +108,7 @@ def test_knockout_equals_hand_masked_eager_attention(tiny, case, flow):
         assert abs(float(naive.logprob[0, i]) - expected) <= TOL
     assert kv.engine == ("naive" if tiny.family.per_token else "kv"), kv.engine_reason
     # BLIP-2's OPT attention hands no pre-softmax scores to a hook: the eager mask is edited.
-    assert kv.route == ("mask" if tiny.name == "blip2" else "scores")
+    assert kv.route == ("mask" if tiny.name in MASK_ROUTE else "scores")
 
 
 def test_knockout_of_a_span_no_query_attends_to_changes_nothing(tiny, case):
@@ -210,7 +213,7 @@ def ref_patched_logits(tiny, clean, corrupted, kind: str, layer: int, pos: int) 
     return logits[int(predictor_positions(corrupted.layout)[0])]
 
 
-PATCH_FAMILIES = {"llava", "instructblip", "gemma3", "paligemma", "mistral3"}  # BLIP-2's OPT layer has no mlp module to hook by hand
+PATCH_FAMILIES = {"llava", "instructblip", "gemma3", "paligemma", "mistral3", "qwen2_vl", "qwen3_vl"}  # BLIP-2's OPT layer has no mlp module to hook by hand
 
 
 def test_patching_equals_swapping_activations_by_hand(tiny, pair):

@@ -50,7 +50,11 @@ def fake_model(W_E: torch.Tensor, W_U: torch.Tensor):
         W_E=W_E,
         W_U=W_U,
         tokenizer=_Tok(W_U.shape[1]),
-        bridge=SimpleNamespace(ln_final=SimpleNamespace(original_component=torch.nn.Identity())),
+        # No logit soft cap: the TransformerLens adapter's output transform is the identity.
+        bridge=SimpleNamespace(
+            ln_final=SimpleNamespace(original_component=torch.nn.Identity()),
+            adapter=SimpleNamespace(apply_output_logits_transform=lambda logits: logits),
+        ),
         hf_model=SimpleNamespace(get_output_embeddings=lambda: head),
     )
 

@@ -172,7 +172,13 @@ def metrics(logits: Float[Tensor, "rows vocab"], target: int, foil: Optional[int
     return diff, prob
 
 
+def rows_of(value: Tensor, rows: int) -> Tensor:
+    """A one-row per-token input ``[1, pos, *rest]`` repeated for ``rows`` rows (per-token inputs
+    may carry trailing axes, e.g. DeepStack features ``[pos, levels, d_model]``)."""
+    return value.expand(rows, *value.shape[1:])
+
+
 def batch_extras(extras: dict[str, Tensor], rows: int, suffix: slice) -> Optional[dict[str, Tensor]]:
     if not extras:
         return None
-    return {k: v[None, suffix].expand(rows, -1) for k, v in extras.items()}
+    return {k: rows_of(v[None, suffix], rows) for k, v in extras.items()}

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from vlens.analysis._attention_mask import Route, blocked_attention, knockout_route
 from vlens.analysis._common import BatchedResult, long_frame, stack_rows, typechecked
+from vlens.analysis._pairs import rows_of
 from vlens.analysis._spans import SpanSpec, span_positions
 from vlens.analysis.knockout import (
     ENGINES,
@@ -279,7 +280,7 @@ def _chunk_logprob(
             past_key_values=past,
             use_cache=past is not None,
             logits_to_keep=problem.answer - 1 - start,
-            extras=None if extras is None else {n: v[:, suffix].expand(rows, -1) for n, v in extras.items()},
+            extras=None if extras is None else {n: rows_of(v[:, suffix], rows) for n, v in extras.items()},
         )
     if buffers is not None:
         buffers.restore(start, length)

@@ -54,7 +54,7 @@ from vlens.analysis._common import BatchedResult, long_frame, stack_rows, typech
 from vlens.analysis._shorten import shortened_after
 from vlens.analysis.knockout import answer_loss, kept_extras, row_problems
 from vlens.analysis.tokens import _order as given_order
-from vlens.errors import AnalysisInputError
+from vlens.errors import AnalysisInputError, AnalysisUndefinedError
 
 if TYPE_CHECKING:
     from vlens.analysis.knockout import RowProblem
@@ -221,6 +221,15 @@ def prune_visual_tokens(
     if "attention" in names and 0 in ks:
         raise AnalysisInputError("the 'attention' ranking reads block K-1's attention, so K = 0 has none; use K >= 1")
     problems = row_problems(model, inputs, "prune_visual_tokens")
+    featured = sorted({name for p in problems for name, v in p.extras.items() if v.ndim > 1})
+    if featured:
+        # Qwen3-VL's DeepStack: the text model adds these features to the image positions between
+        # its layers, outside the blocks the shortening hooks cut, so a pruned run is undefined.
+        raise AnalysisUndefinedError(
+            f"prune_visual_tokens: the {model.adapter.family} language model adds per-token features {featured} "
+            "to the image positions between its layers; vlens cannot drop them with the tokens from layer K on, "
+            "so pruning is not defined for it (token_count_curve removes tokens from the input instead)"
+        )
     contributions = None
     if "contribution" in names:
         from vlens.analysis.tokens import token_contributions

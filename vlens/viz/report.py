@@ -27,6 +27,7 @@ import torch
 
 from vlens import analysis as va
 from vlens.analysis.lens import label_ids
+from vlens.errors import AnalysisUndefinedError
 from vlens.viz._guide import FIGURE_GUIDE
 from vlens.viz._html import data_table, esc, figure_block, figure_png, page
 from vlens.viz._report_notes import (
@@ -327,6 +328,8 @@ def _guarded(key: str, title: str) -> Callable:
         def run(ctx: _Context) -> Section:
             try:
                 return build(ctx)
+            except AnalysisUndefinedError as err:  # not a failure: the model gives it no meaning
+                return Section(key, title, f'<p class="note">Not defined for this model: {html.escape(str(err))}</p>')
             except Exception as err:  # one failing analysis must not lose the others
                 detail = html.escape("".join(traceback.format_exception_only(type(err), err)).strip())
                 return Section(

@@ -9,6 +9,7 @@ import PIL.ImageOps
 
 from vlens.analysis.flow_knockout import attention_knockout
 from vlens.analysis.patching import activation_patching
+from vlens.viz._guide import FIGURE_GUIDE
 from vlens.viz._html import data_table, figure_block, figure_png
 from vlens.viz.causal import knockout_figure, patching_heatmaps
 from vlens.viz.report import Section, _Context, _guarded
@@ -25,7 +26,7 @@ def _knockout_section(ctx: _Context) -> Section:
             figure_png(knockout_figure(result)),
             f"Change of the answer's log-probability when {query} may not attend to {key} in one layer "
             f"(scores masked before the softmax; route {result.route!r}, engine {result.engine!r}).",
-            fig_id=f"fig-knockout-{query}-{key}",
+            fig_id=f"fig-knockout-{query}-{key}", guide=FIGURE_GUIDE[f"fig-knockout-{query}-{key}"],
         )
         frames.append(result.to_frame())
     frame = pd.concat(frames, ignore_index=True)
@@ -43,7 +44,7 @@ def _patching_section(ctx: _Context) -> Section:
         figure_png(patching_heatmaps(result, ctx.inputs.layout, ctx.image, kind="resid_pre", value="prob")),
         "Probability of the first answer token when the residual stream of one visual token at one layer comes "
         "from the original image and every other from the mirrored image (corrupted run).",
-        fig_id="fig-patching",
+        fig_id="fig-patching", guide=FIGURE_GUIDE["fig-patching"],
     )
     frame = result.to_frame()
     body += data_table(frame, max_rows=20)

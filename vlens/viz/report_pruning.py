@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from vlens import analysis as va
+from vlens.viz._guide import FIGURE_GUIDE
 from vlens.viz._html import data_table, figure_block, figure_png
 from vlens.viz.pruning import contextual_panel, contextual_summary, pruning_figure, pruning_summary
 from vlens.viz.report import Section, _guarded
@@ -39,7 +40,7 @@ def pruning_section(ctx: "_Context") -> Section:
         "Blocks before K see every token; from K on only the kept visual tokens remain (ranked by the attention "
         "the last prompt token pays them in block K-1, or at random). Exact match: greedy decoding reproduces "
         "the answer token for token.",
-        fig_id="fig-pruning",
+        fig_id="fig-pruning", guide=FIGURE_GUIDE["fig-pruning"],
     )
     summary = pruning_summary(result)
     body += data_table(summary, max_rows=40)
@@ -61,7 +62,7 @@ def contextual_lens_section(ctx: "_Context") -> Section:
         figure_png(contextual_panel(result, ctx.inputs.layout, model.tokenizer)),
         f"Per layer, the word of the text-token state nearest (cosine, same layer) to each visual token, over a bank "
         f"of {result.n_bank_tokens} token states from {result.n_contexts} generated captions run through the model.",
-        fig_id="fig-contextual-lens",
+        fig_id="fig-contextual-lens", guide=FIGURE_GUIDE["fig-contextual-lens"],
     )
     body += data_table(contextual_summary(result, ctx.inputs.layout, model.tokenizer, lens=batched_lens))
     return Section("contextual_lens", "Contextual lens on visual tokens", body, tables={"contextual_lens": result.to_frame()})
