@@ -256,7 +256,7 @@ def _row_patching(
         else:
             buffers = _PrefixBuffers(kv, batch_size, n)
     if any(v.ndim > 1 for v in pair.extras.values()):
-        # Per-token inputs with a feature axis (Qwen3-VL's DeepStack) are added to the stream by
+        # Per-token inputs with a feature axis (e.g. DeepStack features) are added to the stream by
         # the text model between its layers, which a replay of single layers would skip.
         replay = "the per-token inputs carry features the language model adds between its layers"
     if engine == "kv" and isinstance(replay, LayerReplay):

@@ -223,7 +223,7 @@ def prune_visual_tokens(
     problems = row_problems(model, inputs, "prune_visual_tokens")
     featured = sorted({name for p in problems for name, v in p.extras.items() if v.ndim > 1})
     if featured:
-        # Qwen3-VL's DeepStack: the text model adds these features to the image positions between
+        # DeepStack-style inputs: the text model adds these features to the image positions between
         # its layers, outside the blocks the shortening hooks cut, so a pruned run is undefined.
         raise AnalysisUndefinedError(
             f"prune_visual_tokens: the {model.adapter.family} language model adds per-token features {featured} "

@@ -61,7 +61,7 @@ FIGURE_GUIDE: dict[str, str] = {
     ),
     "fig-knockout-instruction-image": (
         "Look for: whether the question tokens need the image. The study found they hardly do on the toy "
-        "(|delta| <= 0.001 nats in every window), unlike Zhang et al.'s LLaVA."
+        "(|delta| <= 0.001 nats in every window), unlike the models Zhang et al. studied."
     ),
     "fig-patching": (
         "Look for: the layers and visual tokens whose clean residual restores the answer. Bright cells where the "
