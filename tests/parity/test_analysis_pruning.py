@@ -13,7 +13,7 @@ from vlens.errors import AnalysisInputError
 TOL = 1e-4
 PROMPT = "what is in the image ?"
 ANSWER = "a red circle ."
-FAMILIES = ["llava", "gemma3", "blip2", "instructblip"]
+FAMILIES = ["llava", "gemma3", "blip2", "instructblip", "qwen2_vl"]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -49,10 +49,11 @@ def case(tiny, photo):
     positions = ref.full_positions(tiny, inputs)
     layers = ref.decoder_layers(tiny.reference, tiny.model.n_layers)
     grab = _Grab(layers)
+    hf_positions = positions.permute(1, 0, 2) if positions.ndim == 3 else positions  # M-RoPE: HF's [axes, batch, pos]
     mask = torch.ones(embeds.shape[:2], dtype=torch.long)
     try:
         with torch.no_grad():
-            out = ref.lm_target(tiny)(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, **per_token,
+            out = ref.lm_target(tiny)(inputs_embeds=embeds, attention_mask=mask, position_ids=hf_positions, **per_token,
                                       output_hidden_states=True, output_attentions=True, use_cache=False)
     finally:
         grab.remove()
@@ -72,9 +73,9 @@ def _hand_logits(tiny, case, k, kept):
                 if name == "attention_mask" and value is not None:
                     value = value[:, :, kept][:, :, :, kept]
                 elif name == "position_embeddings" and value is not None:
-                    value = tuple(v[:, kept] for v in value)
+                    value = tuple(v[..., kept, :] for v in value)  # [(axes,) batch, pos, dim]
                 elif name == "position_ids" and value is not None:
-                    value = value[:, kept]
+                    value = value[..., kept]
                 elif name in ("past_key_values", "use_cache"):
                     value = None if name == "past_key_values" else False
                 kwargs[name] = value
@@ -99,7 +100,8 @@ def _masked_logits(tiny, case, k, dropped):
     try:
         with torch.no_grad():
             mask = torch.ones(embeds.shape[:2], dtype=torch.long)
-            return ref.lm_target(tiny)(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+            hf_positions = positions.permute(1, 0, 2) if positions.ndim == 3 else positions
+            return ref.lm_target(tiny)(inputs_embeds=embeds, attention_mask=mask, position_ids=hf_positions,
                                        **per_token).logits
     finally:
         for h in handles:
