@@ -14,7 +14,7 @@ from vlens.errors import AnalysisInputError
 TOL = 1e-4
 PROMPT = "what is in the image ?"
 CONTEXTS = ["a red circle .", "a big blue square on the left .", "what is in the image ?", "a small green circle ."]
-FAMILIES = ["llava", "gemma3", "blip2", "instructblip"]
+FAMILIES = ["llava", "gemma3", "blip2", "instructblip", "qwen2_vl", "qwen3_vl"]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
