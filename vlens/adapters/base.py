@@ -365,15 +365,15 @@ class VisionPrefixAdapter(ABC):
         ``inputs_embeds`` and no image tensors, as every LLaVA-style class accepts, so
         whatever it does after the decoder (final norm, head, soft-capping) is kept.
         ``position_ids`` come from the contract (``input_embeddings``' positions, or
-        :meth:`positions_after_removal`), batch axis first; a multi-axis family whose Hugging
-        Face forward wants another layout overrides this. ``extras`` are
+        :meth:`positions_after_removal`), batch axis first, handed to Hugging Face in its
+        layout by :meth:`hf_position_ids`. ``extras`` are
         :attr:`per_token_inputs`, passed through by name.
         """
         causal_lm = self._causal_lm(hf_model)
         kwargs: dict[str, Any] = {
             "inputs_embeds": inputs_embeds,
             "attention_mask": attention_mask,
-            "position_ids": position_ids,
+            "position_ids": self.hf_position_ids(position_ids),
             cache_argument(causal_lm): past_key_values,
             "use_cache": use_cache,
             **(extras or {}),
@@ -382,6 +382,12 @@ class VisionPrefixAdapter(ABC):
             kwargs["logits_to_keep"] = logits_to_keep
         out = causal_lm(**kwargs)
         return out.logits, output_cache(out)
+
+    def hf_position_ids(self, position_ids: torch.Tensor) -> torch.Tensor:
+        """``position_ids`` as the contract gives them (batch axis first) in the layout the
+        Hugging Face forward takes. Default: unchanged; a multi-axis family whose forward wants
+        the axes first overrides this."""
+        return position_ids
 
     def _causal_lm(self, hf_model: torch.nn.Module) -> torch.nn.Module:
         """The outermost submodule holding the decoder that has its own output head

@@ -41,7 +41,6 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from transformers import BatchFeature
 
-from vlens._compat import cache_argument, output_cache
 from vlens._modules import submodule
 from vlens.adapters import _qwen_bridge
 from vlens.adapters._geometry import Frame, cell_boxes, clip_to_image, size_get
@@ -253,34 +252,13 @@ class Qwen2VLAdapter(VisionPrefixAdapter):
     def language_model(self, hf_model: torch.nn.Module) -> torch.nn.Module:
         return submodule(submodule(hf_model, "model"), "language_model")
 
-    def run_language_model(
-        self,
-        hf_model: torch.nn.Module,
-        inputs_embeds: torch.Tensor,
-        attention_mask: Optional[torch.Tensor],
-        position_ids: torch.Tensor,
-        past_key_values: Any,
-        use_cache: bool,
-        logits_to_keep: Optional[torch.Tensor],
-        extras: Optional[dict[str, torch.Tensor]] = None,
-    ) -> tuple[torch.Tensor, Any]:
-        """The whole model on embeddings, with positions ``[batch, 3, pos]`` handed to Hugging Face
-        as its ``[3, batch, pos]`` (always explicit: its own inference would reuse the
-        ``rope_deltas`` a previous call cached)."""
+    def hf_position_ids(self, position_ids: torch.Tensor) -> torch.Tensor:
+        """Positions ``[batch, 3, pos]`` as Hugging Face's ``[3, batch, pos]``. ``run_language_model``
+        always passes them explicitly: its own inference would reuse the ``rope_deltas`` a previous
+        call cached."""
         if position_ids.ndim != 3 or position_ids.shape[1] != AXES:
             raise ValueError(f"{self.family}: position_ids {tuple(position_ids.shape)} must be [batch, {AXES}, pos]")
-        kwargs: dict[str, Any] = {
-            "inputs_embeds": inputs_embeds,
-            "attention_mask": attention_mask,
-            "position_ids": position_ids.permute(1, 0, 2),
-            cache_argument(hf_model): past_key_values,
-            "use_cache": use_cache,
-            **(extras or {}),
-        }
-        if logits_to_keep is not None:
-            kwargs["logits_to_keep"] = logits_to_keep
-        out = hf_model(**kwargs)
-        return out.logits, output_cache(out)
+        return position_ids.permute(1, 0, 2)
 
     def describe(self) -> dict[str, Any]:
         ip = self.processor.image_processor

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from vlens._compat import cache_argument, output_cache
 from vlens._modules import submodule
-from vlens.adapters.qwen2_vl import AXES, Qwen2VLAdapter
+from vlens.adapters.qwen2_vl import Qwen2VLAdapter
 from vlens.errors import UnsupportedArchitectureError
 
 
@@ -88,8 +88,7 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
         as :meth:`text_positions` gives; image tokens past an image's first differ there, and
         released processors make at least 2 x 2 tokens of an image).
         """
-        if position_ids.ndim != 3 or position_ids.shape[1] != AXES:
-            raise ValueError(f"{self.family}: position_ids {tuple(position_ids.shape)} must be [batch, {AXES}, pos]")
+        hf_positions = self.hf_position_ids(position_ids)  # checks the [batch, 3, pos] layout
         extras = dict(extras or {})
         unknown = sorted(set(extras) - set(self.per_token_inputs))
         if unknown:
@@ -117,7 +116,7 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
         kwargs: dict[str, Any] = {
             "inputs_embeds": inputs_embeds,
             "attention_mask": attention_mask,
-            "position_ids": position_ids.permute(1, 0, 2),
+            "position_ids": hf_positions,
             cache_argument(text_model): past_key_values,
             "use_cache": use_cache,
         }
