@@ -62,7 +62,9 @@ def check_forward_needs_token_types_and_vlens_passes_them(model: HookedVLM, refe
     assert max_diff(ours, with_them) <= TOL
 
 
-def check_layout(model: HookedVLM, photo: PIL.Image.Image, photo2: PIL.Image.Image) -> None:
+def check_layout(
+    model: HookedVLM, reference: torch.nn.Module, photo: PIL.Image.Image, photo2: PIL.Image.Image
+) -> None:
     """Spans and grids from ``image_grid_thw``; markers around each run; labels; and the
     positions Hugging Face gives each token: (p, p + r, p + c) at grid cell (r, c), with the
     text after the image resuming at p + max(rows, cols)."""
@@ -75,7 +77,7 @@ def check_layout(model: HookedVLM, photo: PIL.Image.Image, photo2: PIL.Image.Ima
     assert len(spans) == 2 == grids.shape[0]
     assert torch.equal(torch.cat([s.positions for s in spans]), (ids == config.image_token_id).nonzero().flatten())
     labels = model.to_str_tokens(inputs)
-    positions = rope_index(model_reference(model), inputs)[0]
+    positions = rope_index(reference, inputs)[0]
     for span, (t, h, w) in zip(spans, grids.tolist()):
         assert t == 1 and span.grid == (h // merge, w // merge) and span.n_tokens == h * w // merge**2
         first, last = int(span.positions[0]), int(span.positions[-1])
@@ -92,10 +94,6 @@ def check_layout(model: HookedVLM, photo: PIL.Image.Image, photo2: PIL.Image.Ima
     assert set(ids[markers].tolist()) == {config.vision_start_token_id, config.vision_end_token_id}
     assert int(markers.sum()) == 4
     assert not bool((inputs.layout.instruction_mask | inputs.layout.prefix_mask)[0, markers].any())
-
-
-def model_reference(model: HookedVLM) -> torch.nn.Module:
-    return model.__dict__["_test_reference"]
 
 
 def check_batched_equals_unbatched(model: HookedVLM, photo, photo2) -> None:

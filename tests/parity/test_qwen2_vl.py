@@ -12,9 +12,7 @@ from tests.tiny.qwen2_vl import build_qwen2_vl
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    model, reference = hooked_and_reference(build_qwen2_vl(tmp_path_factory.mktemp("qwen2_vl")))
-    model.__dict__["_test_reference"] = reference
-    return model, reference
+    return hooked_and_reference(build_qwen2_vl(tmp_path_factory.mktemp("qwen2_vl")))
 
 
 def test_logits_hidden_states_and_patterns_equal_hf(tiny, photo):
@@ -26,7 +24,7 @@ def test_forward_needs_mm_token_type_ids(tiny, photo):
 
 
 def test_layout_grid_markers_labels_and_positions(tiny, photo, photo2):
-    checks.check_layout(tiny[0], photo, photo2)
+    checks.check_layout(*tiny, photo, photo2)
 
 
 def test_batched_equals_unbatched_with_different_grids(tiny, photo, photo2):
