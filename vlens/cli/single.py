@@ -29,7 +29,7 @@ from vlens.cli._common import (
 if TYPE_CHECKING:
     from vlens.analysis.similarity import Against
     from vlens.analysis.tokens import Estimator
-    from vlens.viz.report import DataFormat
+    from vlens.viz._report_page import DataFormat
 
 DEFAULT_OUT = "vlens-report"
 

@@ -11,8 +11,8 @@ from vlens.analysis.flow_knockout import attention_knockout
 from vlens.analysis.patching import activation_patching
 from vlens.viz._guide import FIGURE_GUIDE
 from vlens.viz._html import data_table, figure_block, figure_png
+from vlens.viz._report_page import Section, _Context, _guarded
 from vlens.viz.causal import knockout_figure, patching_heatmaps
-from vlens.viz.report import Section, _Context, _guarded
 
 FLOWS = (("predictor", "image"), ("predictor", "instruction"), ("instruction", "image"))
 

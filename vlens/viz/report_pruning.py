@@ -14,11 +14,11 @@ import torch
 from vlens import analysis as va
 from vlens.viz._guide import FIGURE_GUIDE
 from vlens.viz._html import data_table, figure_block, figure_png
+from vlens.viz._report_page import Section, _guarded
 from vlens.viz.pruning import contextual_panel, contextual_summary, pruning_figure, pruning_summary
-from vlens.viz.report import Section, _guarded
 
 if TYPE_CHECKING:
-    from vlens.viz.report import _Context
+    from vlens.viz._report_page import _Context
 
 REPORT_KEEP = (0.1, 0.25, 0.5, 0.75, 1.0)
 BANK_SIZE = 200
