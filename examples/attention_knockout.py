@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -243,26 +244,16 @@ def describe_flows(f: FlowKnockoutFinding) -> str:
     return "\n".join(lines)
 
 
-def random_toy(folder: Path) -> str:
-    """The toy's architecture and processor with random weights (``torch.manual_seed(0)``): the control."""
-    from vlens.zoo.config import Architecture, build_model
-    from vlens.zoo.processor import build_processor
-
-    torch.manual_seed(0)
-    arch = Architecture()
-    processor = build_processor(arch.image_size, arch.patch_size)
-    build_model(arch, processor).save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return str(folder)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> tuple[ObjectKnockoutFinding, FlowKnockoutFinding]:
-    args = common.parser(__doc__, n_scenes=40).parse_args(argv)
-    model = common.load_model(args)
-    scenes = common.heldout_scenes(model, args.n_scenes, args.seed)
-    common.announce("Attention knockout: object cells, and flows over layer windows", model, scenes)
-    objects = measure_objects(model, scenes, batch_size=args.batch_size)
-    flows = measure_flows(model, scenes, batch_size=args.batch_size)
+    p = common.parser(__doc__, n_scenes=40)
+    p.add_argument("--random-weights", action="store_true", help="the control: the toy's architecture before training")
+    args = p.parse_args(argv)
+    with tempfile.TemporaryDirectory() as scratch:
+        model = common.random_weights_toy(Path(scratch)) if args.random_weights else common.load_model(args)
+        scenes = common.heldout_scenes(model, args.n_scenes, args.seed)
+        common.announce("Attention knockout: object cells, and flows over layer windows", model, scenes)
+        objects = measure_objects(model, scenes, batch_size=args.batch_size)
+        flows = measure_flows(model, scenes, batch_size=args.batch_size)
     print(describe_objects(objects))
     print(describe_flows(flows))
     fig = Figure(figsize=(5.2, 3.4))
